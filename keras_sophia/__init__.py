@@ -1,0 +1,11 @@
+"""Sophia (arXiv 2305.14342) for Keras 3 on TensorFlow."""
+
+from keras_sophia import estimators
+from keras_sophia.estimators import GaussNewtonBartlett
+from keras_sophia.estimators import HessianEstimator
+from keras_sophia.estimators import Hutchinson
+from keras_sophia.sophia import Sophia
+from keras_sophia.train_step import SophiaTrainStep
+from keras_sophia.train_step import estimate_hessian
+
+__version__ = "0.1.0"

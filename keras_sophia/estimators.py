@@ -1,0 +1,270 @@
+"""Hessian-diagonal estimators for Sophia (arXiv 2305.14342, Section 2.3).
+
+An estimator turns one batch into one tensor per trainable variable whose
+expectation is (an approximation of) the diagonal of the Hessian of the
+training loss. It is written with `keras.ops` against a *context* that
+`keras_sophia.SophiaTrainStep` builds on refresh steps, so the forward and
+backward passes of the training step are shared, not repeated:
+
+* `context.model`, `context.x`, `context.y`, `context.sample_weight`: the
+  model and the batch.
+* `context.y_pred`: the model output of the training forward pass.
+* `context.variables`: the trainable variables; `context.grads`: their
+  (unscaled) training gradients.
+* `context.vjp(cotangents)`: `sum(y_pred * cotangents)` differentiated with
+  respect to the variables through the recorded forward pass (one backward
+  pass; dense results).
+* `context.hvp(vectors)`: Hessian-vector products `H v` of the training loss,
+  by differentiating the recorded training gradient once more.
+* `context.uniform(shape)`, `context.normal(shape)`: random draws that are
+  independent per call and per replica, and a pure function of
+  `(optimizer.seed, iterations)`, so a resumed run draws the same numbers.
+
+Under `tf.distribute` each replica sees its own share of the batch. So an
+estimator works in two stages: `statistics(context)` returns a list of
+per-variable *sums* and a scalar *count* for this replica's share; the train
+step adds both across replicas; `finalize(sums, count)` turns the totals
+into the estimate. The default `finalize` is the mean `sums / count`, so an
+estimator whose replica estimates should simply be averaged returns
+`(estimates, 1.0)` from `statistics`.
+
+A plain callable `fn(context) -> estimates` is accepted wherever an
+estimator is, and is averaged across replicas.
+"""
+
+import abc
+
+import keras
+from keras import ops
+
+
+class HessianEstimator(abc.ABC):
+    """Base class of Hessian-diagonal estimators (see the module docstring).
+
+    Subclasses implement `statistics` and, where the replica statistics are
+    not simply averaged, `finalize`.
+    """
+
+    @abc.abstractmethod
+    def statistics(self, context):
+        """Returns `(sums, count)` for this replica's share of the batch."""
+
+    def finalize(self, sums, count):
+        """Turns the cross-replica totals into one estimate per variable."""
+        return [None if s is None else s / count for s in sums]
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_sophia")
+class GaussNewtonBartlett(HessianEstimator):
+    """Gauss-Newton-Bartlett estimator (Sophia-G; paper Algorithm 2).
+
+    Samples labels `y_hat ~ softmax(logits)` from the model's own output,
+    takes the gradient `g_hat` of the mean cross-entropy on the sampled
+    labels over the `B` loss terms, and returns `B * g_hat * g_hat`, which
+    is never negative. Terms with zero sample weight (and, for a sparse
+    loss, labels equal to `ignore_class`) are left out of both the sum and
+    `B`. Requires a model compiled with a (sparse) categorical
+    cross-entropy loss; `from_logits` is honoured.
+    """
+
+    def statistics(self, context):
+        sparse, from_logits, ignore_class = _cross_entropy_kind(context.model)
+        y_pred = context.y_pred
+        if not ops.is_tensor(y_pred) and isinstance(y_pred, (list, tuple)):
+            raise ValueError(
+                "The 'gnb' estimator supports single-output models; this "
+                f"model returns {len(y_pred)} outputs. Use "
+                "estimator='hutchinson'."
+            )
+        # (..., vocab): probabilities in float32, whatever the model dtype.
+        scores = ops.cast(y_pred, "float32")
+        probs = ops.softmax(scores, axis=-1) if from_logits else scores
+        labels = _sample_labels(probs, context.uniform(ops.shape(probs)[:-1]))
+        onehot = ops.one_hot(labels, ops.shape(probs)[-1], dtype="float32")
+        weights = _term_weights(context, labels, sparse, ignore_class)
+        # d CE(y_pred, y_hat) / d y_pred, per term:
+        # softmax(z) - onehot for logits z; -onehot / p for probabilities p.
+        if from_logits:
+            cotangent = probs - onehot
+        else:
+            cotangent = -onehot / ops.maximum(probs, keras.config.epsilon())
+        cotangent = cotangent * ops.expand_dims(weights, -1)
+        # The sum over terms of the sampled-label gradients, i.e. B * g_hat.
+        sums = context.vjp(cotangent)
+        return sums, ops.sum(weights)
+
+    def finalize(self, sums, count):
+        # B * g_hat^2 with g_hat = sums / B; B = 0 (all masked) gives 0.
+        count = ops.maximum(count, 1.0)
+        return [None if s is None else ops.square(s) / count for s in sums]
+
+
+@keras.saving.register_keras_serializable(package="keras_sophia")
+class Hutchinson(HessianEstimator):
+    """Hutchinson estimator `u * (H u)` (Sophia-H; paper Algorithm 1).
+
+    Unbiased for the Hessian diagonal of the training loss; individual
+    entries can be negative. `H u` is one Hessian-vector product, made by
+    differentiating the training gradient of the same step a second time.
+
+    Args:
+        distribution: `"rademacher"` (entries +1 or -1) or `"normal"`
+            (standard Gaussian). Defaults to `"rademacher"`.
+        num_samples: Number of probes `u` averaged per refresh (one extra
+            backward pass each). Defaults to `1`.
+    """
+
+    def __init__(self, distribution="rademacher", num_samples=1):
+        if distribution not in ("rademacher", "normal"):
+            raise ValueError(
+                "Argument `distribution` must be 'rademacher' or 'normal'. "
+                f"Received: distribution={distribution!r}"
+            )
+        if (
+            isinstance(num_samples, bool)
+            or not isinstance(num_samples, int)
+            or num_samples < 1
+        ):
+            raise ValueError(
+                "Argument `num_samples` must be an integer >= 1. "
+                f"Received: num_samples={num_samples!r}"
+            )
+        self.distribution = distribution
+        self.num_samples = num_samples
+
+    def probes(self, context):
+        """One random probe per variable, with the variable's shape."""
+        probes = []
+        for variable in context.variables:
+            shape = tuple(variable.shape)
+            if self.distribution == "normal":
+                probes.append(context.normal(shape))
+            else:
+                # floor(2u) is 0 or 1 with equal odds; map to -1 or +1.
+                bits = ops.floor(2.0 * context.uniform(shape))
+                probes.append(2.0 * bits - 1.0)
+        return probes
+
+    def statistics(self, context):
+        total = None
+        for _ in range(self.num_samples):
+            probes = self.probes(context)
+            products = context.hvp(probes)
+            sample = [
+                None if hu is None else u * hu
+                for u, hu in zip(probes, products)
+            ]
+            total = sample if total is None else [
+                None if t is None else t + s for t, s in zip(total, sample)
+            ]
+        mean = [None if t is None else t / self.num_samples for t in total]
+        return mean, 1.0
+
+    def get_config(self):
+        return {
+            "distribution": self.distribution,
+            "num_samples": self.num_samples,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_sophia")
+class FunctionEstimator(HessianEstimator):
+    """Wraps a callable `fn(context) -> estimates`; replicas are averaged."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def statistics(self, context):
+        return list(self.fn(context)), 1.0
+
+    def get_config(self):
+        return {"fn": keras.saving.serialize_keras_object(self.fn)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["fn"]))
+
+
+_BY_NAME = {"gnb": GaussNewtonBartlett, "hutchinson": Hutchinson}
+
+
+def get(identifier):
+    """Resolves `"gnb"`, `"hutchinson"`, an estimator or a callable."""
+    if isinstance(identifier, HessianEstimator):
+        return identifier
+    if isinstance(identifier, str):
+        if identifier.lower() not in _BY_NAME:
+            raise ValueError(
+                "Argument `estimator` must be 'gnb', 'hutchinson', a "
+                "`keras_sophia.estimators.HessianEstimator` or a callable "
+                f"`fn(context) -> estimates`. Received: estimator={identifier!r}"
+            )
+        return _BY_NAME[identifier.lower()]()
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    if callable(identifier):
+        return FunctionEstimator(identifier)
+    raise ValueError(
+        "Argument `estimator` must be 'gnb', 'hutchinson', a "
+        "`keras_sophia.estimators.HessianEstimator` or a callable. "
+        f"Received: estimator={identifier!r}"
+    )
+
+
+def _cross_entropy_kind(model):
+    """(sparse, from_logits, ignore_class) of the model's compiled loss."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        config = loss.get_config()
+        return True, config["from_logits"], config.get("ignore_class")
+    if isinstance(loss, keras.losses.CategoricalCrossentropy):
+        return False, loss.get_config()["from_logits"], None
+    by_name = {
+        "sparse_categorical_crossentropy": True,
+        "categorical_crossentropy": False,
+    }
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", None)
+    if name in by_name:
+        return by_name[name], False, None
+    raise ValueError(
+        "The 'gnb' (Gauss-Newton-Bartlett) estimator samples labels from "
+        "the model's predicted distribution, so the model must be compiled "
+        "with a (sparse) categorical cross-entropy loss. Received: "
+        f"loss={loss!r}. For any other loss use estimator='hutchinson'."
+    )
+
+
+def _sample_labels(probs, uniform):
+    """Inverse-CDF sampling: one uniform per term against the cumulative
+    distribution, which is much cheaper than `categorical` under XLA.
+
+    probs: (..., classes); uniform: (...). Returns int32 labels (...).
+    """
+    cdf = ops.cumsum(probs, axis=-1)
+    below = ops.cast(cdf < ops.expand_dims(uniform, -1), "int32")
+    # Rounding can leave cdf[-1] slightly under 1; keep labels in range.
+    return ops.minimum(ops.sum(below, axis=-1), ops.shape(probs)[-1] - 1)
+
+
+def _term_weights(context, labels, sparse, ignore_class):
+    """1.0 for each loss term that counts, 0.0 for masked ones; (...)."""
+    weights = ops.ones(ops.shape(labels), "float32")
+    sample_weight = context.sample_weight
+    if sample_weight is not None:
+        sample_weight = ops.cast(ops.not_equal(sample_weight, 0), "float32")
+        if len(sample_weight.shape) > len(labels.shape):  # e.g. (batch, 1)
+            sample_weight = ops.reshape(sample_weight, ops.shape(labels))
+        while len(sample_weight.shape) < len(labels.shape):
+            sample_weight = ops.expand_dims(sample_weight, -1)
+        weights = weights * sample_weight
+    if sparse and ignore_class is not None:
+        y = ops.reshape(context.y, ops.shape(labels))
+        weights = weights * ops.cast(ops.not_equal(y, ignore_class), "float32")
+    return weights

@@ -1,0 +1,248 @@
+"""The Sophia optimizer (Liu et al., 2023, arXiv 2305.14342, Algorithm 3)."""
+
+import random
+import warnings
+
+import keras
+from keras import ops
+
+from keras_sophia import estimators as estimators_lib
+
+_NO_HESSIAN_WARNING = (
+    "Sophia is updating weights but no Hessian estimate has reached it: "
+    "with h = 0 every step is `lr * sign(momentum)` (sign-momentum), not "
+    "Sophia. Train a model that mixes in `keras_sophia.SophiaTrainStep` "
+    "(e.g. `class LM(keras_sophia.SophiaTrainStep, keras.Model)`), or in a "
+    "custom loop call `optimizer.update_hessian(estimates, variables)` "
+    "whenever `optimizer.should_refresh_hessian()` is true, before "
+    "`optimizer.apply(...)`."
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_sophia")
+class Sophia(keras.optimizers.Optimizer):
+    """Sophia: a clipped, diagonal second-order optimizer.
+
+    With `t = iterations` and `k = hessian_update_interval`:
+
+    ```
+    if t % k == 0:  h = beta_2 * h + (1 - beta_2) * h_hat   # update_hessian
+    m = beta_1 * m + (1 - beta_1) * g
+    theta = theta - lr * weight_decay * theta
+    theta = theta - lr * clip(m / max(rho * h, epsilon), -1, 1)
+    ```
+
+    `h_hat` is a Hessian-diagonal estimate produced by `estimator` and fed
+    in by `keras_sophia.SophiaTrainStep` (or by `update_hessian` in a
+    custom loop). Neither EMA is bias-corrected, as in the paper. The
+    estimate already carries the number of loss terms, so `rho` here is the
+    `rho` of the authors' code.
+
+    Args:
+        learning_rate: A float, a `LearningRateSchedule`, or a callable
+            returning the learning rate. Each coordinate moves by at most
+            this much per step. Defaults to `1e-4`.
+        beta_1: Decay of the gradient EMA `m`. Defaults to `0.965`.
+        beta_2: Decay of the Hessian-diagonal EMA `h`. Defaults to `0.99`.
+        rho: Scale of the curvature in the denominator; larger `rho`
+            clips fewer coordinates. Defaults to `0.04`.
+        epsilon: Floor of the denominator, `max(rho * h, epsilon)`.
+            Defaults to `1e-12`.
+        weight_decay: Decoupled weight decay, multiplied by the learning
+            rate. Defaults to `0.1`.
+        hessian_update_interval: `k`; the Hessian estimate is refreshed
+            when `iterations % k == 0`. Defaults to `10`.
+        estimator: `"gnb"` (Gauss-Newton-Bartlett, Sophia-G),
+            `"hutchinson"` (Sophia-H), or a `HessianEstimator` instance or
+            a callable `fn(context) -> estimates` (see
+            `keras_sophia.estimators`). Defaults to `"gnb"`.
+        seed: Integer seed of the estimator's random draws, which are
+            derived from `(seed, iterations)` so that a resumed run draws
+            the same numbers. Defaults to a random integer, fixed at
+            construction and saved in the config.
+        **kwargs: Base optimizer arguments (`clipnorm`, `global_clipnorm`,
+            `clipvalue`, `use_ema`, `ema_momentum`,
+            `ema_overwrite_frequency`, `loss_scale_factor`,
+            `gradient_accumulation_steps`, `name`).
+
+    Example:
+
+    ```python
+    class LM(keras_sophia.SophiaTrainStep, keras.Model):
+        pass
+
+    model = LM(inputs, outputs)
+    model.compile(optimizer=keras_sophia.Sophia(learning_rate=3e-4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    model.fit(dataset, epochs=1)
+    ```
+
+    References:
+        - Liu et al., 2023, "Sophia: A Scalable Stochastic Second-order
+          Optimizer for Language Model Pre-training", arXiv 2305.14342.
+    """
+
+    def __init__(
+        self,
+        learning_rate=1e-4,
+        beta_1=0.965,
+        beta_2=0.99,
+        rho=0.04,
+        epsilon=1e-12,
+        weight_decay=0.1,
+        hessian_update_interval=10,
+        estimator="gnb",
+        seed=None,
+        name="sophia",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
+        _check_float("learning_rate", learning_rate, low=0.0)
+        _check_float("beta_1", beta_1, low=0.0, high=1.0)
+        _check_float("beta_2", beta_2, low=0.0, high=1.0)
+        _check_float("rho", rho, low=0.0, low_inclusive=False)
+        _check_float("epsilon", epsilon, low=0.0, low_inclusive=False)
+        if weight_decay is not None:
+            _check_float("weight_decay", weight_decay, low=0.0)
+        if (
+            isinstance(hessian_update_interval, bool)
+            or not isinstance(hessian_update_interval, int)
+            or hessian_update_interval < 1
+        ):
+            raise ValueError(
+                "Argument `hessian_update_interval` must be an integer >= 1. "
+                f"Received: hessian_update_interval={hessian_update_interval!r}"
+            )
+        if seed is None:
+            seed = random.randrange(2**31)
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.rho = rho
+        self.epsilon = epsilon
+        self.hessian_update_interval = hessian_update_interval
+        self.estimator = estimators_lib.get(estimator)
+        self.seed = int(seed)
+        # Python-side flag, set when `update_hessian` is traced or run; the
+        # mixin traces the refresh before `apply`, so a missing Hessian
+        # source is caught the first time an update is built.
+        self._hessian_seen = False
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums = [
+            self.add_variable_from_reference(v, name="momentum")
+            for v in var_list
+        ]
+        self._hessians = [
+            self.add_variable_from_reference(v, name="hessian")
+            for v in var_list
+        ]
+
+    def should_refresh_hessian(self):
+        """Whether this step refreshes `h` (a boolean tensor).
+
+        True when `iterations % hessian_update_interval == 0`. With
+        gradient accumulation only the first micro-batch of such an update
+        refreshes, so `k` counts optimizer updates, not micro-batches.
+        """
+        k = self.hessian_update_interval
+        refresh = ops.equal(ops.mod(self.iterations, k), 0)
+        accumulation = self.gradient_accumulation_steps
+        if accumulation:
+            first_micro_batch = ops.equal(
+                ops.mod(self._iterations, accumulation), 0
+            )
+            refresh = ops.logical_and(refresh, first_micro_batch)
+        return refresh
+
+    def update_hessian(self, estimates, variables):
+        """EMA of the Hessian diagonal: `h = beta_2 * h + (1 - beta_2) * e`.
+
+        Args:
+            estimates: One tensor per variable (same shape), or `None` to
+                leave that variable's `h` unchanged.
+            variables: The trainable variables, aligned with `estimates`.
+                Builds the optimizer on them if it is not built yet.
+        """
+        variables = list(variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+        self._hessian_seen = True
+        for estimate, variable in zip(estimates, variables):
+            if estimate is None:
+                continue
+            h = self._hessians[self._get_variable_index(variable)]
+            estimate = ops.cast(estimate, h.dtype)
+            # Alg. 3, line 7: no bias correction.
+            self.assign(h, self.beta_2 * h + (1.0 - self.beta_2) * estimate)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._hessian_seen:
+            warnings.warn(_NO_HESSIAN_WARNING, stacklevel=2)
+            self._hessian_seen = True  # once per optimizer is loud enough
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        h = self._hessians[index]
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        # Alg. 3, line 5: gradient EMA, no bias correction.
+        self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * gradient)
+        # Alg. 3, line 9. max(), not "+ epsilon": a negative Hutchinson h
+        # must still clip, giving a step of lr * sign(m).
+        denominator = ops.maximum(self.rho * h, self.epsilon)
+        step = ops.clip(m / denominator, -1.0, 1.0)
+        self.assign_sub(variable, lr * step)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "rho": self.rho,
+                "epsilon": self.epsilon,
+                "hessian_update_interval": self.hessian_update_interval,
+                "estimator": keras.saving.serialize_keras_object(
+                    self.estimator
+                ),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("estimator"), dict):
+            config["estimator"] = keras.saving.deserialize_keras_object(
+                config["estimator"], custom_objects=custom_objects
+            )
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _check_float(name, value, low, high=None, low_inclusive=True):
+    """Raises a ValueError naming `name` unless `value` lies in range.
+
+    Schedules, callables and tensors are checked when they are used.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    too_low = value < low if low_inclusive else value <= low
+    too_high = high is not None and value >= high
+    if too_low or too_high or value != value:
+        left = "[" if low_inclusive else "("
+        allowed = f"in {left}{low}, {high})" if high else (
+            f">= {low}" if low_inclusive else f"> {low}"
+        )
+        raise ValueError(
+            f"Argument `{name}` must be {allowed}. Received: {name}={value}"
+        )

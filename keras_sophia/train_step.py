@@ -1,0 +1,248 @@
+"""The Hessian-refreshing `train_step`: the TensorFlow-specific part.
+
+Everything that needs tapes, `tf.cond` or stateless random ops lives here;
+`sophia.py` and `estimators.py` use `keras.ops` only.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as keras_loss
+
+from keras_sophia import estimators as estimators_lib
+from keras_sophia.sophia import Sophia
+
+
+class SophiaTrainStep:
+    """Mixin that refreshes Sophia's Hessian estimate inside `fit`.
+
+    Put it before the Keras model class:
+
+    ```python
+    class LM(keras_sophia.SophiaTrainStep, keras.Model):
+        pass
+
+    class SophiaGPT2(keras_sophia.SophiaTrainStep,
+                     keras_hub.models.GPT2CausalLM):
+        pass
+    ```
+
+    It overrides only `train_step`. On steps where
+    `optimizer.should_refresh_hessian()` holds (`iterations % k == 0`,
+    step 0 included) it runs the training forward and backward pass once,
+    lets the optimizer's estimator reuse them to estimate the Hessian
+    diagonal at the current weights on the current batch, updates `h`, then
+    applies the ordinary update. All other steps are Keras's own
+    `train_step`. With any optimizer other than `Sophia` (or a
+    `LossScaleOptimizer` around one) the mixin does nothing.
+    """
+
+    def train_step(self, data):
+        sophia = _find_sophia(self.optimizer)
+        if sophia is None or not self.trainable_weights:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_weights
+
+        def ordinary():
+            tape = tf.GradientTape()
+            y_pred, loss = _training_loss(self, x, y, sample_weight, tape)
+            return y_pred, tape.gradient(loss, variables)
+
+        def refresh():
+            seed = _step_seed(sophia.seed, sophia._iterations)
+            y_pred, grads, estimates = _refresh_pass(
+                self, x, y, sample_weight, sophia.estimator, seed
+            )
+            sophia.update_hessian(estimates, variables)
+            return y_pred, grads
+
+        # The schedule is read from `iterations` inside the compiled step; a
+        # Python counter would be frozen when the step is traced.
+        y_pred, grads = tf.cond(
+            sophia.should_refresh_hessian(), refresh, ordinary
+        )
+        self.optimizer.apply(grads, variables)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def estimate_hessian(
+    model, x, y=None, sample_weight=None, estimator=None, seed=0
+):
+    """One Hessian-diagonal estimate on one batch, outside of `fit`.
+
+    For custom training loops and for checking estimators. The model must
+    be compiled (its loss is the loss whose Hessian is estimated).
+
+    Args:
+        model: A compiled Keras model.
+        x, y, sample_weight: One batch.
+        estimator: `"gnb"`, `"hutchinson"`, an estimator or a callable; by
+            default the estimator of the model's Sophia optimizer.
+        seed: Integer, or an int tensor of shape `(2,)`, of the draws.
+
+    Returns:
+        One estimate per `model.trainable_variables` entry (`None` where
+        the loss does not depend on the variable).
+    """
+    if estimator is None:
+        sophia = _find_sophia(model.optimizer)
+        if sophia is None:
+            raise ValueError(
+                "Pass `estimator=` or compile the model with a Sophia "
+                f"optimizer. Received: optimizer={model.optimizer!r}"
+            )
+        estimator = sophia.estimator
+    if isinstance(seed, int):
+        seed = _step_seed(seed, 0)
+    _, _, estimates = _refresh_pass(
+        model, x, y, sample_weight, estimators_lib.get(estimator), seed,
+        track_loss=False,
+    )
+    return estimates
+
+
+def _find_sophia(optimizer):
+    """The Sophia optimizer itself, or the one inside a loss-scale wrapper."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if isinstance(inner, Sophia) else None
+
+
+def _step_seed(seed, iterations):
+    """Stateless seed (2,) from the optimizer seed and the step counter."""
+    return tf.stack(
+        [tf.constant(seed, tf.int64), tf.cast(iterations, tf.int64)]
+    )
+
+
+def _training_loss(model, x, y, sample_weight, tape, track_loss=True):
+    """Keras's forward pass and (scaled) loss, recorded on `tape`.
+
+    Mirrors `TensorFlowTrainer.train_step` line for line, so a step through
+    the mixin computes the same loss, metrics and loss scaling as Keras.
+    """
+    with tape:
+        if model._call_has_training_arg:
+            y_pred = model(x, training=True)
+        else:
+            y_pred = model(x)
+        loss = model._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        if track_loss:
+            model._loss_tracker.update_state(
+                keras_loss.unscale_loss_for_distribution(loss),
+                sample_weight=tf.shape(
+                    next(i for i in tf.nest.flatten(x) if i is not None)
+                )[0],
+            )
+        if model.optimizer is not None:
+            loss = model.optimizer.scale_loss(loss)
+    return y_pred, loss
+
+
+def _refresh_pass(model, x, y, sample_weight, estimator, seed, track_loss=True):
+    """Forward, training gradient and Hessian estimate, sharing one pass.
+
+    The inner tape records the forward pass (GNB differentiates the sampled
+    loss through it); the outer tape records the training gradient
+    (Hutchinson differentiates it once more). In a compiled step a tape
+    costs nothing unless a gradient is taken from it.
+    """
+    variables = model.trainable_weights
+    outer = tf.GradientTape(persistent=True)
+    inner = tf.GradientTape(persistent=True)
+    with outer:
+        y_pred, loss = _training_loss(
+            model, x, y, sample_weight, inner, track_loss
+        )
+        grads = inner.gradient(loss, variables)
+    scale = model.optimizer.scale_loss(1.0) if model.optimizer else 1.0
+    context = _Context(model, x, y, sample_weight, y_pred, variables,
+                       grads, scale, inner, outer, seed)
+    sums, count = estimator.statistics(context)
+    estimates = estimator.finalize(sums, count)
+    del inner, outer
+    return y_pred, grads, estimates
+
+
+class _Context:
+    """What an estimator may use on a refresh step (estimators.py lists it).
+
+    Gradients from the tapes are of the scaled loss (loss scaling keeps
+    fp16 backward passes from underflowing); they are unscaled here.
+    """
+
+    def __init__(self, model, x, y, sample_weight, y_pred, variables,
+                 scaled_grads, scale, inner, outer, seed):
+        self.model = model
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.y_pred = y_pred
+        self.variables = variables
+        self._scaled_grads = scaled_grads
+        self._scale = scale
+        self._inner, self._outer = inner, outer
+        # Each replica draws its own numbers: fold in the replica id.
+        replica = tf.distribute.get_replica_context()
+        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+        self._seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+        self._draws = 0
+
+    @property
+    def grads(self):
+        return self._unscale(
+            [None if g is None else tf.convert_to_tensor(g)
+             for g in self._scaled_grads]
+        )
+
+    def vjp(self, cotangents):
+        scaled = tf.nest.map_structure(
+            lambda c, y: tf.cast(c * self._scale, y.dtype),
+            cotangents, self.y_pred,
+        )
+        products = self._inner.gradient(
+            self.y_pred, self.variables, output_gradients=scaled
+        )
+        return self._unscale([_dense(p) for p in products])
+
+    def hvp(self, vectors):
+        # d/dθ <grad(θ), v> = H v. A sparse gradient (embedding rows)
+        # contributes only through the rows it holds.
+        targets, cotangents = [], []
+        for grad, vector in zip(self._scaled_grads, vectors):
+            if grad is None:
+                continue
+            if isinstance(grad, tf.IndexedSlices):
+                targets.append(grad.values)
+                cotangents.append(tf.gather(vector, grad.indices))
+            else:
+                targets.append(grad)
+                cotangents.append(tf.cast(vector, grad.dtype))
+        products = self._outer.gradient(
+            targets, self.variables, output_gradients=cotangents
+        )
+        return self._unscale([_dense(p) for p in products])
+
+    def uniform(self, shape):
+        return tf.random.stateless_uniform(shape, seed=self._next_seed())
+
+    def normal(self, shape):
+        return tf.random.stateless_normal(shape, seed=self._next_seed())
+
+    def _next_seed(self):
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+
+    def _unscale(self, values):
+        if isinstance(self._scale, (int, float)) and self._scale == 1:
+            return values
+        return [
+            None if v is None else v / tf.cast(self._scale, v.dtype)
+            for v in values
+        ]
+
+
+def _dense(value):
+    """Dense float32 tensor (estimates live in float32 `h`), or None."""
+    if value is None:
+        return None
+    return tf.cast(tf.convert_to_tensor(value), tf.float32)

@@ -1,0 +1,1 @@
+"""Data, tokenizer and training programs around keras_sophia."""
