@@ -1,0 +1,1 @@
+"""GPT-2 models on keras-hub for Sophia pretraining."""

@@ -1,0 +1,200 @@
+"""Estimators against Hessian / Fisher diagonals known in closed form."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import SophiaModel
+
+from keras_sophia import GaussNewtonBartlett
+from keras_sophia import HessianEstimator
+from keras_sophia import Hutchinson
+from keras_sophia import Sophia
+from keras_sophia import estimate_hessian
+from keras_sophia import estimators
+
+
+def mean_estimate(model, x, y, estimator, draws, sample_weight=None):
+    """Average of `draws` estimates, each from its own seed."""
+
+    @tf.function
+    def one(seed):
+        return estimate_hessian(model, x, y, sample_weight, estimator, seed)
+
+    total = None
+    for i in range(draws):
+        est = [e.numpy() for e in one(tf.constant([7, i], tf.int64))]
+        total = est if total is None else [t + e for t, e in zip(total, est)]
+    return [t / draws for t in total]
+
+
+def least_squares(n=32, d=4, seed=0):
+    """Linear regression with correlated features and a bias."""
+    rng = np.random.default_rng(seed)
+    mixing = np.eye(d) + 0.5 * rng.normal(size=(d, d))
+    x = (rng.normal(size=(n, d)) @ mixing).astype("float32")
+    y = rng.normal(size=(n, 1)).astype("float32")
+    inputs = keras.Input((d,))
+    model = SophiaModel(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(Sophia(seed=0), loss="mse")
+    return model, x, y
+
+
+def test_hutchinson_mean_approaches_least_squares_hessian_diagonal():
+    model, x, y = least_squares()
+    # L = mean_n (x_n . w + b - y_n)^2, so H = (2 / n) [x 1]^T [x 1]:
+    # diag = (2 / n) sum_n x_ni^2 for the kernel and 2 for the bias.
+    kernel_diag = 2.0 * np.mean(x**2, axis=0)[:, None]
+    # The off-diagonal terms make single estimates noisy (correlated
+    # features); 1500 Rademacher probes bring the mean within a few %.
+    kernel, bias = mean_estimate(model, x, y, Hutchinson(), draws=1500)
+    np.testing.assert_allclose(kernel, kernel_diag, rtol=0.1)
+    np.testing.assert_allclose(bias, [2.0], rtol=0.1)
+
+
+def test_hutchinson_with_gaussian_probes_is_unbiased_too():
+    model, x, y = least_squares()
+    kernel_diag = 2.0 * np.mean(x**2, axis=0)[:, None]
+    estimator = Hutchinson(distribution="normal", num_samples=4)
+    kernel, _ = mean_estimate(model, x, y, estimator, draws=500)
+    np.testing.assert_allclose(kernel, kernel_diag, rtol=0.15)
+
+
+def test_hutchinson_is_exact_when_the_hessian_is_diagonal():
+    # Orthogonal feature columns make H diagonal, and u * (D u) = D u^2 = D
+    # for any +-1 probe: one estimate is already exact.
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(8, 3)))
+    x = (q * [3.0, 1.0, 0.1]).astype("float32")
+    inputs = keras.Input((3,))
+    model = SophiaModel(
+        inputs, keras.layers.Dense(1, use_bias=False)(inputs)
+    )
+    model.compile(Sophia(seed=0), loss="mse")
+    (kernel,) = estimate_hessian(
+        model, x, np.zeros((8, 1), "float32"), estimator="hutchinson", seed=3
+    )
+    np.testing.assert_allclose(
+        kernel.numpy()[:, 0], 2.0 / 8 * np.array([9.0, 1.0, 0.01]), rtol=1e-5
+    )
+
+
+def test_rademacher_probes_take_both_signs_evenly():
+    model, x, y = least_squares(d=50)
+    # Return the probes themselves as the "estimate".
+    kernel, _ = estimate_hessian(
+        model, x, y, estimator=lambda ctx: Hutchinson().probes(ctx), seed=5
+    )
+    values = kernel.numpy().ravel()
+    assert set(np.unique(values)) == {-1.0, 1.0}
+    assert 15 <= np.sum(values > 0) <= 35  # 50 fair coin flips
+
+
+def logistic_regression(from_logits, n=16, d=3, classes=4, seed=0):
+    """Multinomial logistic regression; labels are each row's least likely
+    class, so true-label gradients are large and the empirical Fisher is far
+    from the real one."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    inputs = keras.Input((d,))
+    dense = keras.layers.Dense(
+        classes,
+        use_bias=False,
+        activation=None if from_logits else "softmax",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=1),
+    )
+    model = SophiaModel(inputs, dense(inputs))
+    loss = (
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if from_logits
+        else "sparse_categorical_crossentropy"
+    )
+    model.compile(Sophia(seed=0), loss=loss)
+    logits = x @ dense.kernel.numpy()
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return model, x, np.argmin(p, axis=-1), p
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_gnb_mean_approaches_the_fisher_diagonal(from_logits):
+    model, x, y, p = logistic_regression(from_logits)
+    # Fisher (= Gauss-Newton for softmax CE) diagonal of the mean loss, for
+    # kernel entry (i, c): mean_n x_ni^2 p_nc (1 - p_nc).
+    fisher = np.einsum("ni,nc->ic", x**2, p * (1 - p)) / len(x)
+    (kernel,) = mean_estimate(model, x, y, "gnb", draws=2000)
+    np.testing.assert_allclose(kernel, fisher, rtol=0.12, atol=1e-4)
+
+
+def test_gnb_is_not_the_squared_true_label_gradient():
+    model, x, y, p = logistic_regression(from_logits=True)
+    fisher = np.einsum("ni,nc->ic", x**2, p * (1 - p)) / len(x)
+
+    # What broken ports compute: B * (true-label mean gradient)^2.
+    def empirical(ctx):
+        return [len(x) * g**2 for g in ctx.grads]
+
+    (squared,) = estimate_hessian(model, x, y, estimator=empirical)
+    relative_gap = np.abs(squared.numpy() - fisher).sum() / fisher.sum()
+    assert relative_gap > 1.0
+
+
+def test_gnb_leaves_out_zero_weight_terms():
+    model, x, y, p = logistic_regression(from_logits=True)
+    weights = np.array([1.0, 0.0] * 8, "float32")
+    kept = weights > 0
+    # Only the 8 weighted rows count, and B = 8.
+    fisher = np.einsum("ni,nc->ic", x[kept] ** 2, (p * (1 - p))[kept]) / 8
+    (kernel,) = mean_estimate(
+        model, x, y, "gnb", draws=2000, sample_weight=weights
+    )
+    np.testing.assert_allclose(kernel, fisher, rtol=0.12, atol=1e-4)
+
+
+class SampledGradient(GaussNewtonBartlett):
+    """GNB without the squaring: returns g_hat itself."""
+
+    def finalize(self, sums, count):
+        return HessianEstimator.finalize(self, sums, count)
+
+
+def test_gnb_sampled_labels_follow_the_model_distribution():
+    model, _, _, _ = logistic_regression(from_logits=True)
+    probs = np.array([0.7, 0.2, 0.05, 0.05])
+    model.layers[-1].kernel.assign(np.log([probs] * 3))
+    # One example x = [1, 0, 0]: kernel row 0 of g_hat is p - onehot(y_hat),
+    # negative only at the sampled class.
+    x, y = np.eye(3, dtype="float32")[:1], np.zeros(1)
+    draws = mean_estimate(model, x, y, SampledGradient(), draws=1)
+    np.testing.assert_allclose(draws[0][1:], 0.0)  # rows of inputs that are 0
+
+    @tf.function
+    def sampled_class(seed):
+        (g_hat,) = estimate_hessian(model, x, y, None, SampledGradient(), seed)
+        return tf.argmin(g_hat[0])
+
+    counts = np.bincount(
+        [sampled_class(tf.constant([3, i], tf.int64)) for i in range(800)],
+        minlength=4,
+    )
+    np.testing.assert_allclose(counts / 800, probs, atol=0.05)
+
+
+def test_gnb_with_another_loss_points_to_hutchinson():
+    model, x, y = least_squares()
+    with pytest.raises(ValueError, match="hutchinson"):
+        estimate_hessian(model, x, y, estimator=GaussNewtonBartlett())
+
+
+@pytest.mark.parametrize("classes", [37, 50, 1000])
+def test_two_level_inverse_cdf_sampler_matches_the_distribution(classes):
+    # 37 is prime (the class axis gets padded), 50 and 1000 split exactly.
+    rng = np.random.default_rng(classes)
+    probs = rng.dirichlet(np.full(classes, 0.3)).astype("float32")
+    uniform = rng.uniform(size=(40_000,)).astype("float32")
+    labels = estimators._sample_labels(
+        np.broadcast_to(probs, (40_000, classes)), uniform
+    )
+    frequencies = np.bincount(np.asarray(labels), minlength=classes) / 40_000
+    assert frequencies.shape == (classes,)
+    # Binomial standard error is at most sqrt(p / 40000) <= 0.005.
+    np.testing.assert_allclose(frequencies, probs, atol=0.012)

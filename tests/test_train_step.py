@@ -1,0 +1,249 @@
+"""SophiaTrainStep inside `fit`: the k-step schedule, what a refresh step
+does, saving and resuming, and Sophia against Adam on a toy problem."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import SophiaModel
+from conftest import classification_data
+from conftest import slot_values
+from conftest import tiny_classifier
+
+from keras_sophia import Sophia
+from keras_sophia import estimate_hessian
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class HessianChanges(keras.callbacks.Callback):
+    """Records, per batch, `iterations` before it and whether h changed."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer = optimizer
+        self.steps, self.changed = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.steps.append(int(self.optimizer.iterations.numpy()))
+        self.before = slot_values(self.optimizer, "hessian")
+
+    def on_train_batch_end(self, batch, logs=None):
+        after = slot_values(self.optimizer, "hessian")
+        self.changed.append(
+            any(not np.array_equal(a, b) for a, b in zip(self.before, after))
+        )
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_hessian_changes_exactly_on_refresh_steps(estimator, run_eagerly):
+    x, y = classification_data()
+    model = tiny_classifier()
+    opt = Sophia(1e-2, hessian_update_interval=3, estimator=estimator, seed=0)
+    model.compile(opt, CE, run_eagerly=run_eagerly)
+    model.optimizer.build(model.trainable_variables)
+    record = HessianChanges(opt)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[record])
+    assert record.steps == list(range(16))
+    assert record.changed == [t % 3 == 0 for t in range(16)]
+
+
+def test_refresh_step_is_estimate_then_update_then_ordinary_step():
+    x, y = classification_data(n=8)
+    trained = tiny_classifier()
+    by_hand = tiny_classifier()
+    by_hand.set_weights(trained.get_weights())
+    for model in (trained, by_hand):
+        model.compile(Sophia(0.1, seed=4), CE)
+
+    trained.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+
+    # Step 0 by hand: estimate at the current weights on the batch (same
+    # seed, derived from iterations = 0), update h, then the plain update.
+    variables = by_hand.trainable_variables
+    estimates = estimate_hessian(by_hand, x, y, seed=4)
+    by_hand.optimizer.update_hessian(estimates, variables)
+    with tf.GradientTape() as tape:
+        loss = CE(y, by_hand(x, training=True))
+    by_hand.optimizer.apply(tape.gradient(loss, variables), variables)
+
+    for kind in ("hessian", "momentum"):
+        for a, b in zip(
+            slot_values(trained.optimizer, kind),
+            slot_values(by_hand.optimizer, kind),
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    for a, b in zip(trained.get_weights(), by_hand.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_other_optimizers_get_the_plain_keras_step():
+    x, y = classification_data()
+    mixed_in = tiny_classifier()
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    plain = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    plain.set_weights(mixed_in.get_weights())
+    for model in (mixed_in, plain):
+        model.compile(keras.optimizers.Adam(1e-2), CE)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(mixed_in.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_custom_estimator_callable_feeds_h():
+    x, y = classification_data(n=16)
+    model = tiny_classifier()
+    # A constant "curvature" of 3 everywhere: h = 0.01 * 3 after step 0.
+    opt = Sophia(1e-2, estimator=lambda ctx: [
+        3.0 * tf.ones_like(v) for v in ctx.variables
+    ])
+    model.compile(opt, CE)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for h in slot_values(opt, "hessian"):
+        np.testing.assert_allclose(h, 0.03, rtol=1e-6)
+
+
+def test_gnb_with_a_regression_loss_fails_before_training():
+    x, _ = classification_data()
+    model = tiny_classifier()
+    model.compile(Sophia(1e-2, estimator="gnb"), "mse")
+    with pytest.raises(ValueError, match="estimator='hutchinson'"):
+        model.fit(x, np.zeros((64, 3)), epochs=1, verbose=0)
+
+
+def test_plain_model_with_sophia_warns_about_the_missing_hessian():
+    x, y = classification_data()
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(Sophia(1e-2), CE)
+    with pytest.warns(UserWarning, match="SophiaTrainStep"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_keras_file_restores_state_and_continues_identically(
+    estimator, tmp_path
+):
+    x, y = classification_data()
+    model = tiny_classifier()
+    model.compile(
+        Sophia(1e-2, hessian_update_interval=3, estimator=estimator, seed=9),
+        CE,
+    )
+    # 4 steps: the next one (iterations = 4) is not a refresh, the one after
+    # the next two (iterations = 6) is.
+    model.fit(x[:32], y[:32], batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+
+    assert isinstance(loaded.optimizer, Sophia)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    for kind in ("momentum", "hessian"):
+        for a, b in zip(
+            slot_values(model.optimizer, kind),
+            slot_values(loaded.optimizer, kind),
+        ):
+            np.testing.assert_array_equal(a, b)
+
+    # Five more steps cross the refresh at iterations = 6: both copies draw
+    # the same estimator randoms and end identical.
+    for m in (model, loaded):
+        m.fit(x[:40], y[:40], batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(
+        slot_values(model.optimizer, "hessian"),
+        slot_values(loaded.optimizer, "hessian"),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def steps_to_target(optimizer, max_steps=600):
+    """Full-batch least squares with curvatures 100, 9, 0.09 and 0.01.
+
+    Returns the first step after which the loss is below 1e-4 of its value
+    at w = 0, or None.
+    """
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 4)))
+    scales = np.array([10.0, 3.0, 0.3, 0.1])
+    # H = (2 / 8) x^T x = diag(scales^2): orthogonal columns.
+    x = (q * scales * 2.0).astype("float32")
+    w_star = np.array([0.05, -0.2, 1.0, -2.0])
+    y = (x @ w_star).astype("float32")[:, None]
+
+    def loss_at(w):
+        return np.mean((x @ w[:, 0] - y[:, 0]) ** 2)
+
+    target = 1e-4 * loss_at(np.zeros((4, 1)))
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
+    model = SophiaModel(inputs, dense(inputs))
+    model.compile(optimizer, "mse")
+    reached = []
+
+    class StopAtTarget(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if loss_at(dense.kernel.numpy()) < target:
+                reached.append(batch + 1)
+                self.model.stop_training = True
+
+    data = tf.data.Dataset.from_tensors((x, y)).repeat(max_steps)
+    model.fit(data, verbose=0, callbacks=[StopAtTarget()])
+    return reached[0] if reached else None
+
+
+def test_sophia_beats_tuned_adam_on_heterogeneous_curvature():
+    # Adam moves every coordinate by about lr per step whatever its
+    # curvature, so it must pick one lr for a 10^4 spread of curvatures.
+    # Sophia's clipped Newton step takes the sharp coordinates home in a few
+    # steps and lets the flat ones move at lr. Deterministic: full batch,
+    # and Hutchinson with +-1 probes is exact on a diagonal Hessian.
+    adam = {
+        lr: steps_to_target(keras.optimizers.Adam(lr))
+        for lr in (0.01, 0.03, 0.1, 0.3, 1.0)
+    }
+    best_adam = min(s for s in adam.values() if s is not None)
+    sophia = steps_to_target(
+        Sophia(
+            learning_rate=1.0,
+            beta_1=0.9,
+            beta_2=0.9,
+            rho=2.0,
+            weight_decay=None,
+            hessian_update_interval=1,
+            estimator="hutchinson",
+            seed=0,
+        )
+    )
+    print(f"steps to 1e-4 of the initial loss: Adam {adam}, Sophia {sophia}")
+    assert sophia is not None and sophia < best_adam
+
+
+def test_custom_loop_as_in_the_readme():
+    x, y = classification_data(n=16)
+    model = tiny_classifier()
+    model.compile(loss=CE)  # estimate_hessian needs the compiled loss
+    opt = Sophia(1e-2, hessian_update_interval=2, seed=3)
+    variables = model.trainable_variables
+    changed = []
+    for step in range(5):
+        before = [v.numpy() for v in opt.variables if "hessian" in v.name]
+        if opt.should_refresh_hessian():
+            estimates = estimate_hessian(
+                model, x, y, estimator=opt.estimator, seed=[opt.seed, step]
+            )
+            opt.update_hessian(estimates, variables)
+        with tf.GradientTape() as tape:
+            loss = CE(y, model(x, training=True))
+        opt.apply(tape.gradient(loss, variables), variables)
+        after = slot_values(opt, "hessian")
+        changed.append(
+            step == 0 or any(
+                not np.array_equal(a, b) for a, b in zip(before, after)
+            )
+        )
+    assert changed == [True, False, True, False, True]
