@@ -77,7 +77,7 @@ class GaussNewtonBartlett(HessianEstimator):
     def statistics(self, context):
         sparse, from_logits, ignore_class = _cross_entropy_kind(context.model)
         y_pred = context.y_pred
-        if not ops.is_tensor(y_pred) and isinstance(y_pred, (list, tuple)):
+        if isinstance(y_pred, (list, tuple, dict)):
             raise ValueError(
                 "The 'gnb' estimator supports single-output models; this "
                 f"model returns {len(y_pred)} outputs. Use "

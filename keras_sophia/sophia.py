@@ -137,14 +137,11 @@ class Sophia(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._momentums = [
-            self.add_variable_from_reference(v, name="momentum")
-            for v in var_list
-        ]
-        self._hessians = [
-            self.add_variable_from_reference(v, name="hessian")
-            for v in var_list
-        ]
+        # One slot each per variable (via add_variable_from_reference);
+        # None for variables Keras overwrites with their gradient.
+        self._momentums, self._hessians = self.add_optimizer_variables(
+            var_list, ["momentum", "hessian"]
+        )
 
     def should_refresh_hessian(self):
         """Whether this step refreshes `h` (a boolean tensor).
@@ -178,11 +175,12 @@ class Sophia(keras.optimizers.Optimizer):
                 self.build(variables)
         self._hessian_seen = True
         for estimate, variable in zip(estimates, variables):
-            if estimate is None:
-                continue
             h = self._hessians[self._get_variable_index(variable)]
+            # No estimate, or a variable Keras overwrites with its gradient.
+            if estimate is None or h is None:
+                continue
             estimate = ops.cast(estimate, h.dtype)
-            # Alg. 3, line 7: no bias correction.
+            # Hessian EMA (Alg. 3), no bias correction.
             self.assign(h, self.beta_2 * h + (1.0 - self.beta_2) * estimate)
 
     def update_step(self, gradient, variable, learning_rate):
@@ -194,9 +192,9 @@ class Sophia(keras.optimizers.Optimizer):
         h = self._hessians[index]
         lr = ops.cast(learning_rate, variable.dtype)
         gradient = ops.cast(gradient, variable.dtype)
-        # Alg. 3, line 5: gradient EMA, no bias correction.
+        # Gradient EMA (Alg. 3), no bias correction.
         self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * gradient)
-        # Alg. 3, line 9. max(), not "+ epsilon": a negative Hutchinson h
+        # Clipped update (Alg. 3). max(), not "+ epsilon": a negative h
         # must still clip, giving a step of lr * sign(m).
         denominator = ops.maximum(self.rho * h, self.epsilon)
         step = ops.clip(m / denominator, -1.0, 1.0)
