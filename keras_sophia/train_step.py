@@ -10,6 +10,8 @@ from keras.src.losses import loss as keras_loss
 
 from keras_sophia import estimators as estimators_lib
 from keras_sophia.sophia import Sophia
+from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.framework import ops as tf_ops
 
 
 class SophiaTrainStep:
@@ -184,7 +186,9 @@ class _Context:
         # Each replica draws its own numbers: fold in the replica id.
         replica = tf.distribute.get_replica_context()
         replica_id = 0 if replica is None else replica.replica_id_in_sync_group
-        self._seed = tf.random.experimental.stateless_fold_in(seed, replica_id)
+        self._seed = tf.random.experimental.stateless_fold_in(
+            seed, replica_id, alg="philox"
+        )
         self._draws = 0
 
     @property
@@ -222,15 +226,23 @@ class _Context:
         )
         return self._unscale([_dense(p) for p in products])
 
+    # Philox named explicitly: "auto_select" picks a different generator
+    # under XLA, and a jit-compiled run must draw what an eager one draws.
     def uniform(self, shape):
-        return tf.random.stateless_uniform(shape, seed=self._next_seed())
+        return tf.random.stateless_uniform(
+            shape, seed=self._next_seed(), alg="philox"
+        )
 
     def normal(self, shape):
-        return tf.random.stateless_normal(shape, seed=self._next_seed())
+        return tf.random.stateless_normal(
+            shape, seed=self._next_seed(), alg="philox"
+        )
 
     def _next_seed(self):
         self._draws += 1
-        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+        return tf.random.experimental.stateless_fold_in(
+            self._seed, self._draws, alg="philox"
+        )
 
     def _unscale(self, values):
         if isinstance(self._scale, (int, float)) and self._scale == 1:
@@ -246,3 +258,34 @@ def _dense(value):
     if value is None:
         return None
     return tf.cast(tf.convert_to_tensor(value), tf.float32)
+
+
+def _register_xla_dynamic_update_slice_gradient():
+    """Second derivatives through a slice under XLA (Hutchinson + jit).
+
+    Under XLA, the gradient of `tf.slice` is an `XlaDynamicUpdateSlice`
+    (the incoming gradient written into zeros), which TensorFlow gives no
+    gradient of its own, so differentiating a backward pass through any
+    slice (keras-hub's position embedding has one) fails. The op is linear
+    in `operand` and `update`: the gradient to `update` is the slice of the
+    incoming gradient at `indices`; the gradient to `operand` is the
+    incoming gradient with that slice zeroed.
+    """
+    try:
+        tf_ops.gradient_registry.lookup("XlaDynamicUpdateSlice")
+        return  # this TensorFlow registers its own
+    except LookupError:
+        pass
+
+    @tf.RegisterGradient("XlaDynamicUpdateSlice")
+    def _gradient(op, grad):
+        _, update, indices = op.inputs
+        update_shape = tf.shape(update, out_type=indices.dtype)
+        to_update = xla.dynamic_slice(grad, indices, update_shape)
+        to_operand = xla.dynamic_update_slice(
+            grad, tf.zeros_like(update), indices
+        )
+        return to_operand, to_update, None
+
+
+_register_xla_dynamic_update_slice_gradient()
