@@ -9,3 +9,13 @@ from keras_sophia.train_step import SophiaTrainStep
 from keras_sophia.train_step import estimate_hessian
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GaussNewtonBartlett",
+    "HessianEstimator",
+    "Hutchinson",
+    "Sophia",
+    "SophiaTrainStep",
+    "estimate_hessian",
+    "estimators",
+]

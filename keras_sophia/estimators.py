@@ -204,7 +204,8 @@ def get(identifier):
             raise ValueError(
                 "Argument `estimator` must be 'gnb', 'hutchinson', a "
                 "`keras_sophia.estimators.HessianEstimator` or a callable "
-                f"`fn(context) -> estimates`. Received: estimator={identifier!r}"
+                "`fn(context) -> estimates`. "
+                f"Received: estimator={identifier!r}"
             )
         return _BY_NAME[identifier.lower()]()
     if isinstance(identifier, dict):

@@ -7,11 +7,11 @@ Everything that needs tapes, `tf.cond` or stateless random ops lives here;
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss
+from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.framework import ops as tf_ops
 
 from keras_sophia import estimators as estimators_lib
 from keras_sophia.sophia import Sophia
-from tensorflow.compiler.tf2xla.python import xla
-from tensorflow.python.framework import ops as tf_ops
 
 
 class SophiaTrainStep:
