@@ -4,6 +4,7 @@ import random
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sophia import estimators as estimators_lib
@@ -142,6 +143,10 @@ class Sophia(keras.optimizers.Optimizer):
         self._momentums, self._hessians = self.add_optimizer_variables(
             var_list, ["momentum", "hessian"]
         )
+        # Diagnostics the authors log, refreshed with h (see update_hessian).
+        self.win_rate = self.add_variable((), name="win_rate")
+        # Named so that `"hessian" in v.name` still finds only the h slots.
+        self.hessian_norm = self.add_variable((), name="h_norm")
 
     def should_refresh_hessian(self):
         """Whether this step refreshes `h` (a boolean tensor).
@@ -182,6 +187,24 @@ class Sophia(keras.optimizers.Optimizer):
             estimate = ops.cast(estimate, h.dtype)
             # Hessian EMA (Alg. 3), no bias correction.
             self.assign(h, self.beta_2 * h + (1.0 - self.beta_2) * estimate)
+        self._update_diagnostics()
+
+    def _update_diagnostics(self):
+        """`win_rate`: fraction of coordinates not clipped, |m| < rho * h
+        (healthy at 0.1-0.5 per the authors); `hessian_norm`: ||h||_2.
+
+        Runs with each Hessian refresh only, so ordinary steps pay nothing.
+        """
+        unclipped, size, squares = 0.0, 0, 0.0
+        for m, h in zip(self._momentums, self._hessians):
+            if h is None:
+                continue
+            inside = ops.abs(m) < self.rho * h
+            unclipped = unclipped + ops.sum(ops.cast(inside, "float32"))
+            size += int(np.prod(h.shape))
+            squares = squares + ops.sum(ops.square(ops.cast(h, "float32")))
+        self.assign(self.win_rate, unclipped / max(size, 1))
+        self.assign(self.hessian_norm, ops.sqrt(squares))
 
     def update_step(self, gradient, variable, learning_rate):
         if not self._hessian_seen:

@@ -34,7 +34,8 @@ class SophiaTrainStep:
     lets the optimizer's estimator reuse them to estimate the Hessian
     diagonal at the current weights on the current batch, updates `h`, then
     applies the ordinary update. All other steps are Keras's own
-    `train_step`. With any optimizer other than `Sophia` (or a
+    `train_step`. The logs gain `win_rate` and `hessian_norm` (see
+    `Sophia`), as of the last refresh. With any optimizer other than `Sophia` (or a
     `LossScaleOptimizer` around one) the mixin does nothing.
     """
 
@@ -64,7 +65,11 @@ class SophiaTrainStep:
             sophia.should_refresh_hessian(), refresh, ordinary
         )
         self.optimizer.apply(grads, variables)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        # As of the last refresh; reading two scalars costs nothing.
+        logs["win_rate"] = tf.convert_to_tensor(sophia.win_rate)
+        logs["hessian_norm"] = tf.convert_to_tensor(sophia.hessian_norm)
+        return logs
 
 
 def estimate_hessian(

@@ -247,3 +247,13 @@ def test_custom_loop_as_in_the_readme():
             )
         )
     assert changed == [True, False, True, False, True]
+
+
+def test_fit_logs_win_rate_and_hessian_norm():
+    x, y = classification_data()
+    model = tiny_classifier()
+    model.compile(Sophia(1e-2, seed=0), CE)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    win_rate = history.history["win_rate"][-1]
+    assert 0.0 <= win_rate <= 1.0
+    assert history.history["hessian_norm"][-1] > 0.0
