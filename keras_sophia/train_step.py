@@ -35,8 +35,8 @@ class SophiaTrainStep:
     diagonal at the current weights on the current batch, updates `h`, then
     applies the ordinary update. All other steps are Keras's own
     `train_step`. The logs gain `win_rate` and `hessian_norm` (see
-    `Sophia`), as of the last refresh. With any optimizer other than `Sophia` (or a
-    `LossScaleOptimizer` around one) the mixin does nothing.
+    `Sophia`), as of the last refresh. With any optimizer other than
+    `Sophia` (or a `LossScaleOptimizer` around one) the mixin does nothing.
     """
 
     def train_step(self, data):

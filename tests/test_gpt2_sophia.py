@@ -8,14 +8,11 @@ import numpy as np
 import pytest
 
 import keras_sophia
+from models.gpt2 import SophiaGPT2
 from train.tokenizer import VOCAB_SIZE
 from train.tokenizer import gpt2_encoding
 
 CORPUS = pathlib.Path(__file__).parents[1] / "train" / "data" / "austen.txt"
-
-
-class SophiaGPT2(keras_sophia.SophiaTrainStep, keras_hub.models.GPT2CausalLM):
-    pass
 
 
 def austen_batches(steps, batch=8, block=32):

@@ -1,29 +1,98 @@
-"""The training program runs end to end on the embedded corpus."""
+"""The training program end to end: files, falling loss, exact resume."""
 
 import json
 
+import h5py
 import numpy as np
+import pytest
 
+from train import configs
 from train import pretrain
 
+TINY = [
+    "--steps", "24", "--eval-interval", "12", "--log-interval", "4",
+    "--batch-size", "4", "--block-size", "32", "--eval-steps", "2",
+    "--lr", "3e-3", "--warmup", "2", "--hessian-interval", "5",
+]
 
-def test_pretrain_writes_its_files_and_reports_a_finite_loss(tmp_path):
-    val_loss = pretrain.main([
-        "--steps", "4", "--warmup", "1", "--batch-size", "2",
-        "--block-size", "16", "--hessian-interval", "2",
-        "--out", str(tmp_path),
-    ])
+
+def read_weights(path):
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, item: arrays.__setitem__(name, item[()])
+            if isinstance(item, h5py.Dataset) else None
+        )
+    return arrays
+
+
+@pytest.fixture
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_run_writes_everything_and_loss_falls(tmp_path, cache):
+    out = tmp_path / "run"
+    val_loss = pretrain.main(TINY + ["--out", str(out), "--cache-dir", cache])
     assert np.isfinite(val_loss)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["optimizer"] == "sophia-g" and config["steps"] == 4
-    assert (tmp_path / "final.weights.h5").stat().st_size > 0
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["val_loss"] == val_loss
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == "sophia-g" and config["steps"] == 24
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    train = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train] == [4, 8, 12, 16, 20, 24]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all({"lr", "win_rate", "hessian_norm", "grad_norm"} <= set(x)
+               for x in train)
+    assert all(0.0 <= x["clipped"] <= 1.0 for x in train[1:])
+    assert [x["step"] for x in lines if "val_loss" in x] == [12, 24]
+    assert (out / "final.weights.h5").stat().st_size > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert json.loads(
+        (out / "checkpoints" / "latest.json").read_text()
+    )["step"] == 24
 
 
-def test_windows_are_next_token_pairs():
-    rows = pretrain.windows(list(range(23)), block=4)
-    # 23 tokens make four 5-token windows; the last 3 tokens are dropped.
-    assert rows.shape == (4, 5)
-    x, y = rows[:, :-1], rows[:, 1:]
-    np.testing.assert_array_equal(y, x + 1)
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, cache):
+    out = str(tmp_path / "run")
+    args = TINY + ["--steps", "12", "--out", out, "--cache-dir", cache]
+    pretrain.main(args)
+    with pytest.raises(SystemExit, match="--resume"):
+        pretrain.main(args)
+
+
+def test_resume_ends_where_the_uninterrupted_run_ends(
+    tmp_path, cache, monkeypatch
+):
+    straight = tmp_path / "straight"
+    pretrain.main(TINY + ["--out", str(straight), "--cache-dir", cache])
+
+    # Same command, stopped after its first checkpoint (step 12) ...
+    interrupted = tmp_path / "interrupted"
+    args = TINY + ["--out", str(interrupted), "--cache-dir", cache]
+    save = pretrain.Checkpoints.on_epoch_end
+
+    def save_then_stop(self, epoch, logs=None):
+        save(self, epoch, logs)
+        self.model.stop_training = True
+
+    monkeypatch.setattr(pretrain.Checkpoints, "on_epoch_end", save_then_stop)
+    pretrain.main(args)
+    monkeypatch.setattr(pretrain.Checkpoints, "on_epoch_end", save)
+    # ... then resumed in a fresh model to step 24.
+    pretrain.main(args + ["--resume"])
+
+    a = read_weights(straight / "final.weights.h5")
+    b = read_weights(interrupted / "final.weights.h5")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_named_configs_cover_every_size_and_optimizer():
+    for size in ("small", "medium", "large"):
+        for opt in ("sophia-g", "sophia-h", "adamw", "lion"):
+            config = pretrain.Config(**configs.CONFIGS[f"gpt2-{size}-{opt}"])
+            assert config.block_size == 1024 and config.batch_size == 480
+    small = configs.CONFIGS["gpt2-small-sophia-g"]
+    assert (small["lr"], small["rho"], small["model"]) == (6e-4, 0.05, "125m")

@@ -1,143 +1,294 @@
-"""Pretrain a GPT-2 with Sophia on the embedded corpus.
+"""Pretrain a GPT-2 with Sophia (or AdamW, Lion) on any tf.distribute
+strategy.
 
-    python -m train.pretrain                      # tiny GPT-2, Sophia-G
-    python -m train.pretrain --optimizer sophia-h --steps 100
+    python -m train.pretrain                       # tiny, Sophia-G, austen
+    python -m train.pretrain --optimizer adamw --steps 400
+    python -m train.pretrain --config gpt2-small-sophia-g --strategy tpu
+    python -m train.pretrain --out runs/a --resume # continue runs/a
 
-The corpus is tokenized with the GPT-2 BPE, split by position into training
-(first 95%) and validation (last 5%) tokens, and cut into `block + 1` token
-windows (inputs and next-token targets). Learning rate: linear warmup, then
-cosine decay to `min_lr`; weight decay on matrices only; global-norm
-gradient clipping, as in the paper's GPT-2 runs.
+Settings: the `Config` defaults below, then a named config or a JSON file
+(`--config`), then `--key value` flags. The run directory (`--out`) gets
+`config.json`, `metrics.jsonl` (one JSON object per logged step),
+TensorBoard logs in `tensorboard/`, checkpoints in `checkpoints/` (every
+`eval_interval` steps, written atomically) and `final.weights.h5`.
 """
 
 import argparse
+import dataclasses
 import json
+import os
 import pathlib
 
 import keras
-import numpy as np
-import tensorflow as tf
 
 import keras_sophia
 from models import gpt2
-from train.tokenizer import gpt2_encoding
+from train import clipping
+from train import configs
+from train import data
+from train import strategy as strategy_lib
 
-CORPUS = pathlib.Path(__file__).parent / "data" / "austen.txt"
+
+@dataclasses.dataclass
+class Config:
+    model: str = "tiny"  # a name in models.gpt2.SIZES
+    optimizer: str = "sophia-g"  # sophia-g | sophia-h | adamw | lion
+    data: str = "austen"  # austen | openwebtext | text:PATH
+    steps: int = 200  # optimizer steps in total (also when resuming)
+    batch_size: int = 16  # global batch, in blocks, across all replicas
+    block_size: int = 64  # tokens per block
+    lr: float = 2e-3  # peak learning rate, after warmup
+    min_lr: float = 1e-4  # end of the cosine decay
+    warmup: int = 20  # linear warmup steps
+    rho: float = 0.05  # Sophia's rho (ignored by AdamW and Lion)
+    weight_decay: float = 0.2  # decoupled; matrices only
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    hessian_interval: int = 10  # Sophia's k
+    beta_1: float = None  # None: the optimizer's default
+    beta_2: float = None
+    eval_interval: int = 50  # steps between validation and checkpoints
+    eval_steps: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between lines of metrics.jsonl
+    strategy: str = "default"  # default | mirrored | multiworker | tpu
+    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    jit: bool = False  # XLA-compile the train step
+    seed: int = 0  # data order, initialisation, estimator draws
+    val_fraction: float = 0.05  # austen / text: last share of tokens
+    cache_dir: str = "~/.cache/keras_sophia"  # token cache
+    data_dir: str = None  # TFDS data dir (openwebtext)
+    manual_dir: str = None  # where openwebtext.tar.xz was put
+    out: str = "runs/latest"  # the run directory
+    resume: bool = False  # continue the run in `out` up to `steps`
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=sorted(gpt2.SIZES))
-    parser.add_argument(
-        "--optimizer",
-        default="sophia-g",
-        choices=["sophia-g", "sophia-h", "adamw"],
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--min-lr", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--weight-decay", type=float, default=0.2)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--hessian-interval", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, default=None)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--config", help=f"a JSON file or one of: {', '.join(configs.CONFIGS)}"
+    )
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", default=None)
+        else:
+            parser.add_argument(flag, type=field.type, default=None)
+    args = vars(parser.parse_args(argv))
+    settings = {}
+    name = args.pop("config")
+    if name in configs.CONFIGS:
+        settings.update(configs.CONFIGS[name])
+    elif name is not None:
+        settings.update(json.loads(pathlib.Path(name).read_text()))
+    settings.update({k: v for k, v in args.items() if v is not None})
+    config = Config(**settings)
+    _check(config)
+    return config
 
 
-def windows(ids, block):
-    """Non-overlapping (n, block + 1) windows; the tail is dropped."""
-    n = len(ids) // (block + 1)
-    return np.asarray(ids[: n * (block + 1)]).reshape(n, block + 1)
+def _check(config):
+    if config.model not in gpt2.SIZES:
+        raise ValueError(f"--model must be one of {sorted(gpt2.SIZES)}; "
+                         f"got {config.model!r}")
+    if config.optimizer not in ("sophia-g", "sophia-h", "adamw", "lion"):
+        raise ValueError("--optimizer must be sophia-g, sophia-h, adamw or "
+                         f"lion; got {config.optimizer!r}")
+    if config.steps % config.eval_interval:
+        raise ValueError(
+            f"--steps ({config.steps}) must be a multiple of --eval-interval "
+            f"({config.eval_interval}): each Keras epoch is one interval."
+        )
 
 
-def to_dataset(rows, batch, shuffle_seed=None):
-    def split(row):
-        x = {
-            "token_ids": row[:-1],
-            "padding_mask": tf.ones_like(row[:-1], tf.bool),
-        }
-        return x, row[1:]
-
-    data = tf.data.Dataset.from_tensor_slices(rows)
-    if shuffle_seed is not None:
-        data = data.shuffle(len(rows), seed=shuffle_seed).repeat()
-    return data.map(split).batch(batch, drop_remainder=True).prefetch(2)
-
-
-def make_optimizer(args):
+def make_optimizer(config):
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
-        warmup_target=args.lr,
-        warmup_steps=args.warmup,
-        decay_steps=max(args.steps - args.warmup, 1),
-        alpha=args.min_lr / args.lr,
+        warmup_target=config.lr,
+        warmup_steps=config.warmup,
+        decay_steps=max(config.steps - config.warmup, 1),
+        alpha=config.min_lr / config.lr,
     )
-    common = dict(
-        learning_rate=schedule,
-        weight_decay=args.weight_decay,
-        global_clipnorm=args.grad_clip,
-    )
-    if args.optimizer == "adamw":
-        return keras.optimizers.AdamW(beta_1=0.9, beta_2=0.95, **common)
+    betas = {
+        k: v
+        for k, v in (("beta_1", config.beta_1), ("beta_2", config.beta_2))
+        if v is not None
+    }
+    common = dict(learning_rate=schedule, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(**common, **{
+            "beta_1": 0.9, "beta_2": 0.95, **betas})
+    if config.optimizer == "lion":
+        return keras.optimizers.Lion(**common, **{
+            "beta_1": 0.95, "beta_2": 0.98, **betas})
     return keras_sophia.Sophia(
-        rho=args.rho,
-        hessian_update_interval=args.hessian_interval,
-        estimator="gnb" if args.optimizer == "sophia-g" else "hutchinson",
-        seed=args.seed,
+        rho=config.rho,
+        hessian_update_interval=config.hessian_interval,
+        estimator="gnb" if config.optimizer == "sophia-g" else "hutchinson",
+        seed=config.seed,
         **common,
+        **betas,
     )
+
+
+class MetricsLog(keras.callbacks.Callback):
+    """Appends one JSON line per `every` steps to `path` (and adds the
+    clipping and Sophia diagnostics to the logs TensorBoard sees)."""
+
+    def __init__(self, path, every):
+        super().__init__()
+        self.path, self.every = path, every
+        self.last_count = self.last_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        opt = self.model.optimizer
+        step = int(opt.iterations.numpy())
+        if step % self.every:
+            return
+        record = {"step": step, "loss": float(logs["loss"]),
+                  "lr": float(opt.learning_rate.numpy())}
+        for name in ("win_rate", "hessian_norm"):
+            if name in logs:
+                record[name] = float(logs[name])
+        if hasattr(opt, "clip_count"):
+            count = int(opt.clip_count.numpy())
+            if self.last_count is not None:
+                # Share of the steps since the last line that were clipped.
+                record["clipped"] = (count - self.last_count) / (
+                    step - self.last_step)
+            record["grad_norm"] = float(opt.grad_norm.numpy())
+            self.last_count, self.last_step = count, step
+        logs.update({k: v for k, v in record.items() if k != "step"})
+        self._write(record)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if "val_loss" in logs:
+            step = int(self.model.optimizer.iterations.numpy())
+            self._write({"step": step, "val_loss": float(logs["val_loss"])})
+
+    def _write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """Weights and optimizer state every epoch (= `eval_interval` steps).
+
+    Each file is written under a temporary name and renamed, and
+    `latest.json` is replaced last, so a crash mid-save leaves the previous
+    checkpoint in charge. The two newest checkpoints are kept."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = pathlib.Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        path = self.folder / f"ckpt-{step:08d}.weights.h5"
+        temporary = path.with_name("partial-" + path.name)
+        self.model.save_weights(temporary)
+        os.replace(temporary, path)
+        _write_atomically(self.folder / "latest.json",
+                          json.dumps({"step": step, "file": path.name}))
+        for old in sorted(self.folder.glob("ckpt-*.weights.h5"))[:-2]:
+            old.unlink()
+
+
+def latest_checkpoint(out):
+    """(step, path) of the newest complete checkpoint in `out`, or None."""
+    marker = pathlib.Path(out) / "checkpoints" / "latest.json"
+    if not marker.exists():
+        return None
+    latest = json.loads(marker.read_text())
+    return latest["step"], marker.parent / latest["file"]
+
+
+def _write_atomically(path, text):
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    keras.utils.set_random_seed(args.seed)
-    text = CORPUS.read_text(encoding="utf-8")
-    ids = gpt2_encoding().encode_ordinary(text)
-    cut = int(0.95 * len(ids))
-    train_rows = windows(ids[:cut], args.block_size)
-    val_rows = windows(ids[cut:], args.block_size)
-    print(
-        f"{len(ids):,} tokens: {len(train_rows):,} training and "
-        f"{len(val_rows):,} validation windows of {args.block_size + 1}"
-    )
-
-    model = gpt2.build(args.model, block_size=args.block_size)
-    optimizer = make_optimizer(args)
-    # Decay matrices only: no biases, layer-norm scales or offsets.
-    optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if len(v.shape) < 2]
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-    )
-    history = model.fit(
-        to_dataset(train_rows, args.batch_size, shuffle_seed=args.seed),
-        steps_per_epoch=args.steps,
-        epochs=1,
-    )
-    val_loss = model.evaluate(
-        to_dataset(val_rows, args.batch_size), verbose=0
-    )
-    print(f"final validation loss: {val_loss:.4f}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        config = {k: str(v) if isinstance(v, pathlib.Path) else v
-                  for k, v in vars(args).items()}
-        (args.out / "config.json").write_text(json.dumps(config, indent=2))
-        model.save_weights(args.out / "final.weights.h5")
-        (args.out / "result.json").write_text(
-            json.dumps(
-                {"train_loss": history.history["loss"][-1],
-                 "val_loss": val_loss},
-                indent=2,
-            )
+    config = parse_config(argv)
+    out = pathlib.Path(config.out)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint and not config.resume:
+        raise SystemExit(
+            f"{out} already holds a run (checkpoint at step {checkpoint[0]}). "
+            "Pass --resume to continue it, or choose another --out."
         )
+    if config.resume and not checkpoint:
+        raise SystemExit(f"--resume: no checkpoint in {out}/checkpoints.")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / "config.json",
+                      json.dumps(dataclasses.asdict(config), indent=2))
+
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
+    strategy = strategy_lib.get_strategy(config.strategy)
+    train_ids, val_ids = data.load_tokens(
+        config.data, os.path.expanduser(config.cache_dir),
+        val_fraction=config.val_fraction, data_dir=config.data_dir,
+        manual_dir=config.manual_dir,
+    )
+    print(f"{len(train_ids):,} training and {len(val_ids):,} validation "
+          f"tokens; {strategy.num_replicas_in_sync} replica(s)")
+
+    with strategy.scope():
+        model = gpt2.build(config.model, block_size=config.block_size)
+        optimizer = make_optimizer(config)
+        # Decay matrices only: no biases, layer-norm scales or offsets.
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in model.trainable_variables
+                      if len(v.shape) < 2]
+        )
+        if config.grad_clip > 0:
+            clipping.track_global_clipping(optimizer, config.grad_clip)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[],
+            jit_compile=config.jit,
+        )
+        start = 0
+        if checkpoint:
+            start, path = checkpoint
+            optimizer.build(model.trainable_variables)
+            model.load_weights(path)
+            print(f"resuming from {path} at step {start}")
+
+    def train_data(input_context):
+        # Skip what the run already consumed, so a resumed run sees the
+        # batches the uninterrupted run would have seen.
+        return data.make_dataset(
+            train_ids, config.block_size, config.batch_size,
+            shuffle_seed=config.seed, repeat=True,
+            input_context=input_context,
+        ).skip(start)
+
+    val_data = data.make_dataset(
+        val_ids, config.block_size, config.batch_size
+    ).take(config.eval_steps)
+    model.fit(
+        strategy.distribute_datasets_from_function(train_data),
+        steps_per_epoch=config.eval_interval,
+        epochs=config.steps // config.eval_interval,
+        initial_epoch=start // config.eval_interval,
+        validation_data=val_data,
+        callbacks=[
+            MetricsLog(out / "metrics.jsonl", config.log_interval),
+            Checkpoints(out / "checkpoints"),
+            keras.callbacks.TensorBoard(
+                out / "tensorboard", update_freq=config.log_interval
+            ),
+        ],
+    )
+    val_loss = model.evaluate(val_data, verbose=0)
+    model.save_weights(out / "final.weights.h5")
+    print(f"final validation loss: {val_loss:.4f}")
     return val_loss
 
 
