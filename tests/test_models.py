@@ -1,8 +1,11 @@
 """GPT-2 sizes on keras-hub, built from configs (no download)."""
 
+import keras
+import keras_hub
 import numpy as np
 import pytest
 
+import keras_sophia
 from models import gpt2
 
 
@@ -35,3 +38,28 @@ def test_no_dropout_as_in_the_paper():
 def test_unknown_size_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="125m"):
         gpt2.build("gpt5")
+
+
+def test_keras_file_reloads_with_sophia_and_its_state(tmp_path):
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, dropout=0.0, max_sequence_length=16,
+    )
+    model = gpt2.SophiaGPT2(backbone=backbone, preprocessor=None)
+    model.compile(
+        keras_sophia.Sophia(1e-2, rho=0.07, seed=1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+    )
+    tokens = np.random.default_rng(0).integers(0, 64, size=(8, 17))
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 16), bool)}
+    model.fit(x, tokens[:, 1:], batch_size=4, verbose=0)
+    model.save(tmp_path / "gpt2.keras")
+
+    loaded = keras.saving.load_model(tmp_path / "gpt2.keras")
+    # keras-hub alone would come back compiled with Adam, state dropped.
+    assert isinstance(loaded.optimizer, keras_sophia.Sophia)
+    assert loaded.optimizer.rho == 0.07
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
