@@ -187,13 +187,15 @@ class Sophia(keras.optimizers.Optimizer):
             estimate = ops.cast(estimate, h.dtype)
             # Hessian EMA (Alg. 3), no bias correction.
             self.assign(h, self.beta_2 * h + (1.0 - self.beta_2) * estimate)
-        self._update_diagnostics()
 
-    def _update_diagnostics(self):
-        """`win_rate`: fraction of coordinates not clipped, |m| < rho * h
-        (healthy at 0.1-0.5 per the authors); `hessian_norm`: ||h||_2.
+    def update_diagnostics(self):
+        """Sets `win_rate`, the fraction of coordinates the last update did
+        not clip (|m| < rho * h; healthy at 0.1-0.5 per the authors), and
+        `hessian_norm`, ||h||_2.
 
-        Runs with each Hessian refresh only, so ordinary steps pay nothing.
+        `SophiaTrainStep` calls it after the update of each refresh step
+        only, so ordinary steps pay nothing; a custom loop may call it after
+        `apply` whenever it wants the figures.
         """
         unclipped, size, squares = 0.0, 0, 0.0
         for m, h in zip(self._momentums, self._hessians):

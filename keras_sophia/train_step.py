@@ -61,12 +61,12 @@ class SophiaTrainStep:
 
         # The schedule is read from `iterations` inside the compiled step; a
         # Python counter would be frozen when the step is traced.
-        y_pred, grads = tf.cond(
-            sophia.should_refresh_hessian(), refresh, ordinary
-        )
+        is_refresh = sophia.should_refresh_hessian()
+        y_pred, grads = tf.cond(is_refresh, refresh, ordinary)
         self.optimizer.apply(grads, variables)
+        tf.cond(is_refresh, sophia.update_diagnostics, lambda: None)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        # As of the last refresh; reading two scalars costs nothing.
+        # As of the last refresh step; reading two scalars costs nothing.
         logs["win_rate"] = tf.convert_to_tensor(sophia.win_rate)
         logs["hessian_norm"] = tf.convert_to_tensor(sophia.hessian_norm)
         return logs

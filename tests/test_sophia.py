@@ -252,21 +252,19 @@ def test_bad_hutchinson_options_name_the_argument():
         Hutchinson(num_samples=0)
 
 
-def test_win_rate_and_hessian_norm_follow_each_refresh():
+def test_win_rate_and_hessian_norm_describe_the_last_update():
     var = keras.Variable([1.0, 2.0, 3.0])
     opt = sophia()
     opt.update_hessian([np.array([100.0, 200.0, 0.0], "float32")], [var])
-    # h = [1, 2, 0], m = 0: |m| < rho * h = [0.04, 0.08, 0] holds for the
-    # first two coordinates only (0 < 0 is false); ||h|| = sqrt(5).
-    np.testing.assert_allclose(opt.win_rate.numpy(), 2 / 3, rtol=1e-6)
-    np.testing.assert_allclose(opt.hessian_norm.numpy(), 5**0.5, rtol=1e-6)
-    opt.apply([np.array([2.0, -1.0, 0.0], "float32")], [var])
-    # Ordinary steps leave the diagnostics alone.
-    np.testing.assert_allclose(opt.win_rate.numpy(), 2 / 3, rtol=1e-6)
-    opt.update_hessian([np.zeros(3, "float32")], [var])
-    # m = [0.07, -0.035, 0], h = [0.99, 1.98, 0], rho * h = [0.0396,
-    # 0.0792, 0]: only the second coordinate is inside.
+    opt.apply([np.array([1.0, -3.0, 0.0], "float32")], [var])
+    opt.update_diagnostics()
+    # h = [1, 2, 0], rho * h = [0.04, 0.08, 0]; m = 0.035 * [1, -3, 0] =
+    # [0.035, -0.105, 0]: only the first coordinate was not clipped (the
+    # third has 0 < 0 false). ||h|| = sqrt(5).
     np.testing.assert_allclose(opt.win_rate.numpy(), 1 / 3, rtol=1e-6)
-    np.testing.assert_allclose(
-        opt.hessian_norm.numpy(), (0.99**2 + 1.98**2) ** 0.5, rtol=1e-6
-    )
+    np.testing.assert_allclose(opt.hessian_norm.numpy(), 5**0.5, rtol=1e-6)
+    opt.apply([np.array([-1.0, 3.0, 0.0], "float32")], [var])
+    opt.update_diagnostics()
+    # m = 0.965 * [0.035, -0.105, 0] + 0.035 * [-1, 3, 0]
+    #   = [-0.001225, 0.003675, 0]: both now inside.
+    np.testing.assert_allclose(opt.win_rate.numpy(), 2 / 3, rtol=1e-6)
