@@ -77,7 +77,7 @@ def test_shapes_and_dtypes():
     inputs, targets = next(iter(data.make_dataset(ids, 8, 4, repeat=True)))
     assert inputs["token_ids"].shape == (4, 8)
     assert inputs["token_ids"].dtype == tf.int32
-    assert inputs["padding_mask"].dtype == tf.bool
+    assert inputs["padding_mask"].dtype == tf.int32
     assert targets.shape == (4, 8) and targets.dtype == tf.int32
 
 

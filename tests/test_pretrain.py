@@ -1,6 +1,9 @@
 """The training program end to end: files, falling loss, exact resume."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -96,3 +99,26 @@ def test_named_configs_cover_every_size_and_optimizer():
             assert config.block_size == 1024 and config.batch_size == 480
     small = configs.CONFIGS["gpt2-small-sophia-g"]
     assert (small["lr"], small["rho"], small["model"]) == (6e-4, 0.05, "125m")
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, cache):
+    # Logical devices must be set before TensorFlow starts: a subprocess.
+    script = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(\n"
+        "    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from train import pretrain\n"
+        "import sys\n"
+        "pretrain.main(sys.argv[1:])\n"
+    )
+    args = TINY + ["--strategy", "mirrored", "--steps", "12",
+                   "--out", str(tmp_path / "run"), "--cache-dir", cache]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True,
+        text=True, cwd=pathlib.Path(__file__).parents[1], timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 replica(s)" in done.stdout
+    assert "final validation loss" in done.stdout
+    assert (tmp_path / "run" / "final.weights.h5").exists()

@@ -291,7 +291,7 @@ def make_dataset(
 
     Returns:
         A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, targets)`,
-        int32/bool/int32 tensors of shape `(batch, block_size)`.
+        int32 tensors of shape `(batch, block_size)`.
     """
     ids = np.asarray(ids)  # a view: a memmap stays on disk
     if ids.ndim != 1:
@@ -359,8 +359,10 @@ def make_dataset(
         rows = tf.ensure_shape(rows, (batch_size, window))
         inputs = {
             "token_ids": rows[:, :-1],
-            # Packed windows are all real tokens.
-            "padding_mask": tf.ones((batch_size, block_size), tf.bool),
+            # Packed windows are all real tokens. int32, not bool: Keras's
+            # MirroredStrategy build adds replica inputs with AddN, which
+            # has no bool kernel.
+            "padding_mask": tf.ones((batch_size, block_size), tf.int32),
         }
         return inputs, rows[:, 1:]
 

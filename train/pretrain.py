@@ -272,7 +272,10 @@ def main(argv=None):
     val_data = data.make_dataset(
         val_ids, config.block_size, config.batch_size
     ).take(config.eval_steps)
-    model.fit(
+    # keras.Model.fit, not keras-hub's: its wrapper only maps a preprocessor
+    # (we have none) and cannot take a distributed dataset.
+    keras.Model.fit(
+        model,
         strategy.distribute_datasets_from_function(train_data),
         steps_per_epoch=config.eval_interval,
         epochs=config.steps // config.eval_interval,
