@@ -87,17 +87,12 @@ class GaussNewtonBartlett(HessianEstimator):
         scores = ops.cast(y_pred, "float32")
         probs = ops.softmax(scores, axis=-1) if from_logits else scores
         labels = _sample_labels(probs, context.uniform(ops.shape(probs)[:-1]))
-        onehot = ops.one_hot(labels, ops.shape(probs)[-1], dtype="float32")
         weights = _term_weights(context, labels, sparse, ignore_class)
-        # d CE(y_pred, y_hat) / d y_pred, per term:
-        # softmax(z) - onehot for logits z; -onehot / p for probabilities p.
-        if from_logits:
-            cotangent = probs - onehot
-        else:
-            cotangent = -onehot / ops.maximum(probs, keras.config.epsilon())
-        cotangent = cotangent * ops.expand_dims(weights, -1)
+        cotangent = _sampled_ce_cotangent(probs, labels, weights, from_logits)
         # The sum over terms of the sampled-label gradients, i.e. B * g_hat.
         sums = context.vjp(cotangent)
+        if weights is None:
+            return sums, ops.cast(ops.size(labels), "float32")
         return sums, ops.sum(weights)
 
     def finalize(self, sums, count):
@@ -289,10 +284,42 @@ def _blocking(classes):
     return classes // width, width
 
 
+def _sampled_ce_cotangent(probs, labels, weights, from_logits):
+    """d CE(y_pred, y_hat) / d y_pred summed over the counted terms.
+
+    For logits z it is softmax(z) - onehot(y_hat), for probabilities p it
+    is -onehot(y_hat) / p: each differs from `probs` (or from zero) at the
+    sampled class only, so one scatter replaces building a one-hot tensor
+    as large as the logits. probs: (..., classes); labels, weights: (...).
+    """
+    classes = probs.shape[-1]
+    # Flat position of each term's sampled class; int64, as batch * sequence
+    # * vocabulary can pass 2**31.
+    terms = ops.arange(ops.size(labels), dtype="int64")
+    index = terms * classes + ops.cast(ops.reshape(labels, (-1,)), "int64")
+    flat = ops.reshape(probs, (-1,))
+    at_label = ops.take(flat, index)
+    w = 1.0 if weights is None else ops.reshape(weights, (-1,))
+    if from_logits:
+        if weights is not None:
+            flat = ops.reshape(probs * ops.expand_dims(weights, -1), (-1,))
+        cotangent = ops.scatter_update(
+            flat, index[:, None], w * (at_label - 1.0)
+        )
+    else:
+        values = -w / ops.maximum(at_label, keras.config.epsilon())
+        cotangent = ops.scatter(index[:, None], values, ops.shape(flat))
+    return ops.reshape(cotangent, ops.shape(probs))
+
+
 def _term_weights(context, labels, sparse, ignore_class):
-    """1.0 for each loss term that counts, 0.0 for masked ones; (...)."""
-    weights = ops.ones(ops.shape(labels), "float32")
+    """1.0 for each loss term that counts, 0.0 for masked ones, shaped like
+    `labels`; None when every term counts (saves a pass over the logits)."""
     sample_weight = context.sample_weight
+    masked = sparse and ignore_class is not None
+    if sample_weight is None and not masked:
+        return None
+    weights = ops.ones(ops.shape(labels), "float32")
     if sample_weight is not None:
         sample_weight = ops.cast(ops.not_equal(sample_weight, 0), "float32")
         if len(sample_weight.shape) > len(labels.shape):  # e.g. (batch, 1)
@@ -300,7 +327,7 @@ def _term_weights(context, labels, sparse, ignore_class):
         while len(sample_weight.shape) < len(labels.shape):
             sample_weight = ops.expand_dims(sample_weight, -1)
         weights = weights * sample_weight
-    if sparse and ignore_class is not None:
+    if masked:
         y = ops.reshape(context.y, ops.shape(labels))
         weights = weights * ops.cast(ops.not_equal(y, ignore_class), "float32")
     return weights
