@@ -1,7 +1,5 @@
 """A tiny keras-hub GPT-2 trains with Sophia on the embedded corpus."""
 
-import pathlib
-
 import keras
 import keras_hub
 import numpy as np
@@ -9,15 +7,13 @@ import pytest
 
 import keras_sophia
 from models.gpt2 import SophiaGPT2
-from train.tokenizer import VOCAB_SIZE
-from train.tokenizer import gpt2_encoding
-
-CORPUS = pathlib.Path(__file__).parents[1] / "train" / "data" / "austen.txt"
+from train.data import AUSTEN
+from train.tokenizer import VOCAB_SIZE, gpt2_encoding
 
 
 def austen_batches(steps, batch=8, block=32):
     """Consecutive (block + 1)-token windows of the corpus, as (x, y)."""
-    text = CORPUS.read_text(encoding="utf-8")[:200_000]
+    text = AUSTEN.read_text(encoding="utf-8")[:200_000]
     ids = np.array(gpt2_encoding().encode_ordinary(text))
     windows = ids[: steps * batch * (block + 1)].reshape(-1, block + 1)
     x = {

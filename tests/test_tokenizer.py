@@ -1,12 +1,7 @@
 """The GPT-2 BPE, offline, byte-exact with OpenAI's encoding."""
 
-import pathlib
-
-from train.tokenizer import END_OF_TEXT
-from train.tokenizer import END_OF_TEXT_ID
-from train.tokenizer import gpt2_encoding
-
-CORPUS = pathlib.Path(__file__).parents[1] / "train" / "data" / "austen.txt"
+from train.data import AUSTEN
+from train.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, gpt2_encoding
 
 
 def test_reference_ids():
@@ -25,7 +20,7 @@ def test_whitespace_runs_are_split_like_openai():
 
 
 def test_embedded_corpus_count_and_round_trip():
-    text = CORPUS.read_text(encoding="utf-8")
+    text = AUSTEN.read_text(encoding="utf-8")
     ids = gpt2_encoding().encode_ordinary(text)
     assert len(ids) == 259_257
     assert gpt2_encoding().decode(ids) == text
