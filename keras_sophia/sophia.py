@@ -180,13 +180,27 @@ class Sophia(keras.optimizers.Optimizer):
                 self.build(variables)
         self._hessian_seen = True
         for estimate, variable in zip(estimates, variables):
-            h = self._hessians[self._get_variable_index(variable)]
+            h = self.hessian_slot(variable)
             # No estimate, or a variable Keras overwrites with its gradient.
             if estimate is None or h is None:
                 continue
-            estimate = ops.cast(estimate, h.dtype)
-            # Hessian EMA (Alg. 3), no bias correction.
-            self.assign(h, self.beta_2 * h + (1.0 - self.beta_2) * estimate)
+            self.assign(h, self.hessian_ema(h, estimate))
+
+    def hessian_slot(self, variable):
+        """The `h` slot of `variable` (None if Keras overwrites it with its
+        gradient)."""
+        return self._hessians[self._get_variable_index(variable)]
+
+    def hessian_ema(self, h, estimate):
+        """`beta_2 * h + (1 - beta_2) * estimate`, the new value of `h`.
+
+        `SophiaTrainStep` applies it on every replica's copy of `h` after
+        the replicas' estimates are combined; `update_hessian` applies it
+        on one device.
+        """
+        estimate = ops.cast(estimate, h.dtype)
+        # Hessian EMA (Alg. 3), no bias correction.
+        return self.beta_2 * h + (1.0 - self.beta_2) * estimate
 
     def update_diagnostics(self):
         """Sets `win_rate`, the fraction of coordinates the last update did

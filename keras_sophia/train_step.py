@@ -10,6 +10,7 @@ from keras.src.losses import loss as keras_loss
 from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.python.framework import ops as tf_ops
 
+from keras_sophia import distributed
 from keras_sophia import estimators as estimators_lib
 from keras_sophia.sophia import Sophia
 
@@ -40,8 +41,11 @@ class SophiaTrainStep:
     """
 
     def train_step(self, data):
+        if not self.trainable_weights:
+            return super().train_step(data)
         sophia = _find_sophia(self.optimizer)
-        if sophia is None or not self.trainable_weights:
+        replica = distributed.replica_context()
+        if sophia is None and replica is None:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.trainable_weights
@@ -53,22 +57,42 @@ class SophiaTrainStep:
 
         def refresh():
             seed = _step_seed(sophia.seed, sophia._iterations)
-            y_pred, grads, estimates = _refresh_pass(
+            return _refresh_pass(
                 self, x, y, sample_weight, sophia.estimator, seed
             )
-            sophia.update_hessian(estimates, variables)
+
+        def refresh_and_update():
+            y_pred, grads, (sums, count) = refresh()
+            sophia.update_hessian(
+                sophia.estimator.finalize(sums, count), variables
+            )
             return y_pred, grads
 
-        # The schedule is read from `iterations` inside the compiled step; a
-        # Python counter would be frozen when the step is traced.
-        is_refresh = sophia.should_refresh_hessian()
-        y_pred, grads = tf.cond(is_refresh, refresh, ordinary)
-        self.optimizer.apply(grads, variables)
-        tf.cond(is_refresh, sophia.update_diagnostics, lambda: None)
+        if sophia is not None:
+            # The schedule is read from `iterations` inside the compiled
+            # step; a Python counter would be frozen when the step is traced.
+            is_refresh = sophia.should_refresh_hessian()
+        if sophia is None:
+            y_pred, grads = ordinary()
+        elif replica is None:
+            y_pred, grads = tf.cond(is_refresh, refresh_and_update, ordinary)
+        else:
+            y_pred, grads = distributed.refresh_across_replicas(
+                replica, sophia, is_refresh, refresh, ordinary, variables
+            )
+        if replica is None:
+            self.optimizer.apply(grads, variables)
+        else:
+            distributed.check_optimizer(self.optimizer)
+            grads = distributed.all_reduce_gradients(replica, grads)
+            with distributed.gradients_already_reduced(self.optimizer):
+                self.optimizer.apply(grads, variables)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        # As of the last refresh step; reading two scalars costs nothing.
-        logs["win_rate"] = tf.convert_to_tensor(sophia.win_rate)
-        logs["hessian_norm"] = tf.convert_to_tensor(sophia.hessian_norm)
+        if sophia is not None:
+            tf.cond(is_refresh, sophia.update_diagnostics, lambda: None)
+            # As of the last refresh step; reading two scalars costs nothing.
+            logs["win_rate"] = tf.convert_to_tensor(sophia.win_rate)
+            logs["hessian_norm"] = tf.convert_to_tensor(sophia.hessian_norm)
         return logs
 
 
@@ -101,11 +125,11 @@ def estimate_hessian(
         estimator = sophia.estimator
     if isinstance(seed, int):
         seed = _step_seed(seed, 0)
-    _, _, estimates = _refresh_pass(
-        model, x, y, sample_weight, estimators_lib.get(estimator), seed,
-        track_loss=False,
+    estimator = estimators_lib.get(estimator)
+    _, _, (sums, count) = _refresh_pass(
+        model, x, y, sample_weight, estimator, seed, track_loss=False
     )
-    return estimates
+    return estimator.finalize(sums, count)
 
 
 def _find_sophia(optimizer):
@@ -148,7 +172,8 @@ def _training_loss(model, x, y, sample_weight, tape, track_loss=True):
 
 
 def _refresh_pass(model, x, y, sample_weight, estimator, seed, track_loss=True):
-    """Forward, training gradient and Hessian estimate, sharing one pass.
+    """Forward, training gradient and the estimator's `(sums, count)` for
+    this replica, sharing one pass.
 
     The inner tape records the forward pass (GNB differentiates the sampled
     loss through it); the outer tape records the training gradient
@@ -163,13 +188,15 @@ def _refresh_pass(model, x, y, sample_weight, estimator, seed, track_loss=True):
             model, x, y, sample_weight, inner, track_loss
         )
         grads = inner.gradient(loss, variables)
+    # Undo loss scaling and Keras's 1 / replicas factor, so the estimator
+    # sees this replica's own mean loss.
     scale = model.optimizer.scale_loss(1.0) if model.optimizer else 1.0
+    scale = scale / tf.distribute.get_strategy().num_replicas_in_sync
     context = _Context(model, x, y, sample_weight, y_pred, variables,
                        grads, scale, inner, outer, seed)
-    sums, count = estimator.statistics(context)
-    estimates = estimator.finalize(sums, count)
+    statistics = estimator.statistics(context)
     del inner, outer
-    return y_pred, grads, estimates
+    return y_pred, grads, statistics
 
 
 class _Context:

@@ -8,6 +8,16 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Four logical CPUs for the MirroredStrategy tests. They must exist before
+# TensorFlow starts its runtime, i.e. before any test runs; single-device
+# tests keep using the first one.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 4,
+)
+CPUS = [f"/cpu:{i}" for i in range(4)]
 
 import keras_sophia  # noqa: E402
 
