@@ -29,6 +29,38 @@ def replica_context():
     return tf.distribute.get_replica_context()
 
 
+def check_compile_options(model):
+    """Refuses what stock Keras cannot run on several local replicas.
+
+    `jit_compile=True` compiles `strategy.run` over all devices into one
+    XLA program, which then reads other devices' variables; with
+    `steps_per_execution > 1` Keras's step loop feeds distributed inputs
+    through an optional inside `tf.while_loop`, which fails with a
+    placeholder error. Both fail for plain AdamW too. TPUStrategy has its
+    own compiler path and is not affected.
+    """
+    strategy = model.distribute_strategy
+    if strategy.num_replicas_in_sync < 2 or isinstance(
+        strategy, tf.distribute.TPUStrategy
+    ):
+        return
+    for name, value, fix in (
+        ("jit_compile", model.jit_compile is True,
+         ("compile with jit_compile=False (Keras's default under "
+          "tf.distribute)")),
+        ("steps_per_execution", model.steps_per_execution > 1,
+         "compile with steps_per_execution=1"),
+    ):
+        if value:
+            raise ValueError(
+                f"`{name}` is not supported by Keras with "
+                f"{type(strategy).__name__} over "
+                f"{strategy.num_replicas_in_sync} replicas (it fails even "
+                f"for plain AdamW): {fix}. Received: "
+                f"{name}={getattr(model, name)!r}"
+            )
+
+
 def check_optimizer(optimizer):
     """Refuses optimizer options that cannot run across replicas."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)

@@ -5,6 +5,7 @@ Everything that needs tapes, `tf.cond` or stateless random ops lives here;
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss
 from tensorflow.compiler.tf2xla.python import xla
@@ -39,6 +40,10 @@ class SophiaTrainStep:
     `Sophia`), as of the last refresh. With any optimizer other than
     `Sophia` (or a `LossScaleOptimizer` around one) the mixin does nothing.
     """
+
+    def make_train_function(self, force=False):
+        distributed.check_compile_options(self)
+        return super().make_train_function(force)
 
     def train_step(self, data):
         if not self.trainable_weights:
@@ -258,16 +263,25 @@ class _Context:
         )
         return self._unscale([_dense(p) for p in products])
 
-    # Philox named explicitly: "auto_select" picks a different generator
-    # under XLA, and a jit-compiled run must draw what an eager one draws.
+    # Integer Philox draws, converted here: under XLA, TensorFlow's float
+    # `stateless_uniform` / `stateless_normal` return other numbers than
+    # eager execution does for a seed computed at run time (measured with
+    # TF 2.21), while the integer draws agree bit for bit. So a compiled
+    # run draws the same probes and labels as an eager one.
     def uniform(self, shape):
-        return tf.random.stateless_uniform(
-            shape, seed=self._next_seed(), alg="philox"
+        """Uniform in [0, 1) on a 2**-24 grid (float32's resolution)."""
+        bits = tf.random.stateless_uniform(
+            shape, seed=self._next_seed(), minval=0, maxval=_GRID,
+            dtype=tf.int32, alg="philox",
         )
+        return tf.cast(bits, tf.float32) / _GRID
 
     def normal(self, shape):
-        return tf.random.stateless_normal(
-            shape, seed=self._next_seed(), alg="philox"
+        """Standard normal by Box-Muller from two uniforms."""
+        radius_u = (self.uniform(shape) * _GRID + 0.5) / _GRID  # in (0, 1)
+        angle_u = self.uniform(shape)
+        return tf.sqrt(-2.0 * tf.math.log(radius_u)) * tf.cos(
+            2.0 * np.pi * angle_u
         )
 
     def _next_seed(self):
@@ -283,6 +297,9 @@ class _Context:
             None if v is None else v / tf.cast(self._scale, v.dtype)
             for v in values
         ]
+
+
+_GRID = 2**24
 
 
 def _dense(value):

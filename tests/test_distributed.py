@@ -184,3 +184,17 @@ def test_overflow_on_one_replica_skips_the_step_everywhere(fixed_draws):
         for copy in replica_values(after):
             assert np.all(np.isfinite(copy))
             np.testing.assert_array_equal(copy, replica_values(before)[0])
+
+
+@pytest.mark.parametrize("option, value", [
+    ("jit_compile", True), ("steps_per_execution", 2),
+])
+def test_compile_options_stock_keras_cannot_distribute_are_refused(
+        option, value):
+    strategy = mirrored(tuple(CPUS[:2]))
+    with strategy.scope():
+        model = tiny_classifier()
+        model.compile(Sophia(0.01, seed=1), CE, **{option: value})
+    x, y = classification_data(n=16)
+    with pytest.raises(ValueError, match=f"`{option}` is not supported"):
+        model.fit(x, y, batch_size=16, verbose=0)
