@@ -13,10 +13,11 @@ from tensorflow.python.framework import ops as tf_ops
 
 from keras_sophia import distributed
 from keras_sophia import estimators as estimators_lib
+from keras_sophia.multiworker import MultiWorkerFit
 from keras_sophia.sophia import Sophia
 
 
-class SophiaTrainStep:
+class SophiaTrainStep(MultiWorkerFit):
     """Mixin that refreshes Sophia's Hessian estimate inside `fit`.
 
     Put it before the Keras model class:

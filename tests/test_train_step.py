@@ -49,6 +49,21 @@ def test_hessian_changes_exactly_on_refresh_steps(estimator, run_eagerly):
     assert record.changed == [t % 3 == 0 for t in range(16)]
 
 
+def test_gradient_accumulation_counts_the_schedule_in_updates():
+    # k = 2 updates, 3 micro-batches per update: h is refreshed on the first
+    # micro-batch of updates 0, 2 and 4, i.e. micro-batches 0, 6 and 12.
+    x, y = classification_data(n=144)
+    model = tiny_classifier()
+    opt = Sophia(1e-2, hessian_update_interval=2, seed=0,
+                 gradient_accumulation_steps=3)
+    model.compile(opt, CE)
+    model.optimizer.build(model.trainable_variables)
+    record = HessianChanges(opt)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[record])
+    assert record.steps == [t // 3 for t in range(18)]
+    assert record.changed == [t % 6 == 0 for t in range(18)]
+
+
 def test_refresh_step_is_estimate_then_update_then_ordinary_step():
     x, y = classification_data(n=8)
     trained = tiny_classifier()

@@ -50,6 +50,7 @@ class Config:
     eval_steps: int = 20  # validation batches per evaluation
     log_interval: int = 10  # steps between lines of metrics.jsonl
     strategy: str = "default"  # default | mirrored | multiworker | tpu
+    tpu: str = None  # TPU name or grpc:// address; None: this TPU VM's
     precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
     jit: bool = False  # XLA-compile the train step
     seed: int = 0  # data order, initialisation, estimator draws
@@ -228,7 +229,7 @@ def main(argv=None):
 
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
-    strategy = strategy_lib.get_strategy(config.strategy)
+    strategy = strategy_lib.get_strategy(config.strategy, config.tpu)
     train_ids, val_ids = data.load_tokens(
         config.data, os.path.expanduser(config.cache_dir),
         val_fraction=config.val_fraction, data_dir=config.data_dir,
