@@ -4,6 +4,7 @@ from keras_sophia import estimators
 from keras_sophia.estimators import GaussNewtonBartlett
 from keras_sophia.estimators import HessianEstimator
 from keras_sophia.estimators import Hutchinson
+from keras_sophia.multiworker import MultiWorkerFit
 from keras_sophia.sophia import Sophia
 from keras_sophia.train_step import SophiaTrainStep
 from keras_sophia.train_step import estimate_hessian
@@ -14,6 +15,7 @@ __all__ = [
     "GaussNewtonBartlett",
     "HessianEstimator",
     "Hutchinson",
+    "MultiWorkerFit",
     "Sophia",
     "SophiaTrainStep",
     "estimate_hessian",

@@ -31,15 +31,21 @@ class SophiaTrainStep(MultiWorkerFit):
         pass
     ```
 
-    It overrides only `train_step`. On steps where
-    `optimizer.should_refresh_hessian()` holds (`iterations % k == 0`,
-    step 0 included) it runs the training forward and backward pass once,
-    lets the optimizer's estimator reuse them to estimate the Hessian
-    diagonal at the current weights on the current batch, updates `h`, then
-    applies the ordinary update. All other steps are Keras's own
-    `train_step`. The logs gain `win_rate` and `hessian_norm` (see
-    `Sophia`), as of the last refresh. With any optimizer other than
-    `Sophia` (or a `LossScaleOptimizer` around one) the mixin does nothing.
+    On steps where `optimizer.should_refresh_hessian()` holds
+    (`iterations % k == 0`, step 0 included) `train_step` runs the training
+    forward and backward pass once, lets the optimizer's estimator reuse
+    them to estimate the Hessian diagonal at the current weights on the
+    current batch, updates `h`, then applies the ordinary update. All other
+    steps are Keras's own `train_step`. The logs gain `win_rate` and
+    `hessian_norm` (see `Sophia`), as of the last refresh.
+
+    On more than one replica (see `keras_sophia.distributed`) gradients are
+    all-reduced before clipping and the update, for any optimizer, and the
+    replicas' estimator statistics are combined before `h` changes. With
+    one replica and an optimizer other than `Sophia` (or a
+    `LossScaleOptimizer` around one) the step is Keras's own. It includes
+    `MultiWorkerFit`, which makes `fit` run under
+    MultiWorkerMirroredStrategy.
     """
 
     def make_train_function(self, force=False):
@@ -209,7 +215,9 @@ class _Context:
     """What an estimator may use on a refresh step (estimators.py lists it).
 
     Gradients from the tapes are of the scaled loss (loss scaling keeps
-    fp16 backward passes from underflowing); they are unscaled here.
+    fp16 backward passes from underflowing, and Keras divides each
+    replica's loss by the number of replicas); both factors are undone
+    here, so an estimator sees this replica's own mean loss.
     """
 
     def __init__(self, model, x, y, sample_weight, y_pred, variables,

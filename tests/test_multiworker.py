@@ -30,6 +30,18 @@ def free_ports(count):
 
 def run_workers(tmp_path, optimizer, input_kind):
     """Both workers' results; fails with their stderr if either fails."""
+    run_cluster(tmp_path, lambda index: [
+        str(TESTS / "_mwms_worker.py"), optimizer, input_kind,
+        str(tmp_path / f"worker{index}.npz"),
+    ])
+    return [
+        dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)
+    ]
+
+
+def run_cluster(tmp_path, arguments):
+    """Runs `python *arguments(index)` as workers 0 and 1 of one cluster;
+    fails with their stderr if either fails."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     python_path = [str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
     procs, logs = [], []
@@ -47,8 +59,7 @@ def run_workers(tmp_path, optimizer, input_kind):
         logs.append(tmp_path / f"worker{index}.err")
         with logs[-1].open("w") as err:
             procs.append(subprocess.Popen(
-                [sys.executable, str(TESTS / "_mwms_worker.py"), optimizer,
-                 input_kind, str(tmp_path / f"worker{index}.npz")],
+                [sys.executable, *arguments(index)], cwd=TESTS.parent,
                 env=env, stdout=subprocess.DEVNULL, stderr=err,
             ))
     deadline = time.monotonic() + TIMEOUT
@@ -68,9 +79,6 @@ def run_workers(tmp_path, optimizer, input_kind):
             f"worker {i} exit {proc.returncode}:\n{log.read_text()[-3000:]}"
             for i, (proc, log) in enumerate(zip(procs, logs, strict=True))
         ))
-    return [
-        dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)
-    ]
 
 
 def single_process(optimizer):
@@ -127,3 +135,22 @@ def test_sophia_workers_match_each_other_and_one_process(tmp_path, optimizer,
     assert_same_keys_and_values(
         first, single_process(optimizer), rtol=1e-5, atol=1e-5
     )
+
+
+def test_pretraining_program_on_two_workers(tmp_path):
+    # The README's multi-worker command, on one tiny run: both workers
+    # train, only the chief writes the run directory.
+    out = tmp_path / "run"
+    run_cluster(tmp_path, lambda index: [
+        "-m", "train.pretrain", "--strategy", "multiworker",
+        "--model", "tiny", "--steps", "8", "--eval-interval", "4",
+        "--log-interval", "4", "--batch-size", "4", "--block-size", "32",
+        "--eval-steps", "2", "--hessian-interval", "2", "--out", str(out),
+        "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert (out / "final.weights.h5").exists()
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())[
+        "step"] == 8
+    steps = [json.loads(line)["step"]
+             for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 4, 8, 8]  # a train line and a val_loss line each

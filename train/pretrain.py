@@ -223,13 +223,16 @@ def main(argv=None):
         )
     if config.resume and not checkpoint:
         raise SystemExit(f"--resume: no checkpoint in {out}/checkpoints.")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / "config.json",
-                      json.dumps(dataclasses.asdict(config), indent=2))
-
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
     strategy = strategy_lib.get_strategy(config.strategy, config.tpu)
+    # Under MultiWorkerMirroredStrategy every worker runs this program on
+    # the same --out (a shared file system); only the chief writes to it.
+    chief = strategy.extended.should_checkpoint
+    if chief:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out / "config.json",
+                          json.dumps(dataclasses.asdict(config), indent=2))
     train_ids, val_ids = data.load_tokens(
         config.data, os.path.expanduser(config.cache_dir),
         val_fraction=config.val_fraction, data_dir=config.data_dir,
@@ -288,10 +291,11 @@ def main(argv=None):
             keras.callbacks.TensorBoard(
                 out / "tensorboard", update_freq=config.log_interval
             ),
-        ],
+        ] if chief else [],
     )
     val_loss = model.evaluate(val_data, verbose=0)
-    model.save_weights(out / "final.weights.h5")
+    if chief:
+        model.save_weights(out / "final.weights.h5")
     print(f"final validation loss: {val_loss:.4f}")
     return val_loss
 
