@@ -128,30 +128,43 @@ def refresh_across_replicas(replica, sophia, is_refresh, refresh, ordinary,
             i for i, (s, v) in enumerate(zip(sums, variables))
             if s is not None and sophia.hessian_slot(v) is not None
         )
+        # 1 where this replica's pass overflowed (fp16) or went NaN.
+        broken = 1.0 - tf.cast(all_finite(grads + sums), tf.float32)
         return (y_pred, grads, [tf.cast(sums[i], tf.float32) for i in kept],
-                tf.cast(count, tf.float32))
+                tf.cast(count, tf.float32), broken)
 
     def ordinary_branch():
         y_pred, grads = ordinary()
         zeros = [tf.zeros(variables[i].shape, tf.float32) for i in kept]
-        return y_pred, grads, zeros, tf.constant(0.0)
+        return y_pred, grads, zeros, tf.constant(0.0), tf.constant(0.0)
 
-    y_pred, grads, sums, count = tf.cond(
+    y_pred, grads, sums, count, broken = tf.cond(
         is_refresh, refresh_branch, ordinary_branch
     )
     slots = [sophia.hessian_slot(variables[i]).value for i in kept]
 
-    def update(strategy, is_refresh, sums, count):
+    def update(strategy, is_refresh, sums, count, broken):
         def reduce_and_update():
             # Sums and counts add up over replicas; the estimator turns the
             # totals into the estimate (GNB squares only after the sum).
             totals = strategy.extended.batch_reduce_to(
                 tf.distribute.ReduceOp.SUM,
-                list(zip(sums, slots)) + [(count, slots[0])],
+                list(zip(sums, slots)) + [(count, slots[0]),
+                                          (broken, slots[0])],
             )
-            for h, total in zip(slots, totals[:-1]):
+            # As on one device: a pass that overflowed on any replica (the
+            # loss-scale optimizer skips that step) leaves h alone, and
+            # since iterations does not advance the next batch refreshes.
+            tf.cond(
+                strategy.experimental_local_results(totals[-1])[0] == 0,
+                lambda: assign_all(totals[:-2], totals[-2]),
+                lambda: None,
+            )
+
+        def assign_all(totals, count):
+            for h, total in zip(slots, totals):
                 strategy.extended.update(
-                    h, _assign_ema, args=(total, totals[-1]), group=False
+                    h, _assign_ema, args=(total, count), group=False
                 )
 
         def _assign_ema(h, total, count):
@@ -163,7 +176,17 @@ def refresh_across_replicas(replica, sophia, is_refresh, refresh, ordinary,
             refresh_here = strategy.experimental_local_results(is_refresh)[0]
             tf.cond(refresh_here, reduce_and_update, lambda: None)
 
-    replica.merge_call(update, args=(is_refresh, sums, count))
+    replica.merge_call(update, args=(is_refresh, sums, count, broken))
     # The h updates above are traced: no missing-Hessian warning.
     sophia._hessian_seen = True
     return y_pred, grads
+
+
+def all_finite(tensors):
+    """Whether every entry of every tensor (or IndexedSlices) is finite."""
+    return tf.reduce_all([
+        tf.reduce_all(tf.math.is_finite(
+            t.values if isinstance(t, tf.IndexedSlices) else t
+        ))
+        for t in tensors if t is not None
+    ])

@@ -231,8 +231,15 @@ class Sophia(keras.optimizers.Optimizer):
         h = self._hessians[index]
         lr = ops.cast(learning_rate, variable.dtype)
         gradient = ops.cast(gradient, variable.dtype)
-        # Gradient EMA (Alg. 3), no bias correction.
-        self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * gradient)
+        # Gradient EMA (Alg. 3), no bias correction. An embedding's gradient
+        # is IndexedSlices, which `*` rejects: ops.multiply keeps it sparse,
+        # ops.add with the dense m densifies it (m decays in every row).
+        self.assign(
+            m,
+            ops.add(
+                self.beta_1 * m, ops.multiply(gradient, 1.0 - self.beta_1)
+            ),
+        )
         # Clipped update (Alg. 3). max(), not "+ epsilon": a negative h
         # must still clip, giving a step of lr * sign(m).
         denominator = ops.maximum(self.rho * h, self.epsilon)

@@ -75,8 +75,15 @@ class SophiaTrainStep(MultiWorkerFit):
 
         def refresh_and_update():
             y_pred, grads, (sums, count) = refresh()
-            sophia.update_hessian(
-                sophia.estimator.finalize(sums, count), variables
+            estimates = sophia.estimator.finalize(sums, count)
+            # LossScaleOptimizer skips a step whose gradients overflowed;
+            # its estimate (NaN/inf too, from the same pass) must not reach
+            # h, where the EMA would keep it for good. `iterations` does not
+            # advance, so the next batch refreshes instead.
+            tf.cond(
+                distributed.all_finite(grads + estimates),
+                lambda: sophia.update_hessian(estimates, variables),
+                lambda: None,
             )
             return y_pred, grads
 
@@ -241,36 +248,56 @@ class _Context:
     def grads(self):
         return self._unscale(
             [None if g is None else tf.convert_to_tensor(g)
-             for g in self._scaled_grads]
+             for g in self._scaled_grads],
+            self._scale,
         )
 
     def vjp(self, cotangents):
+        # Loss scaling keeps fp16 in range for the training loss, a mean
+        # over n terms. A cotangent summed over the terms (GNB's) is n times
+        # larger and overflowed at `scale`; at `scale / n` each term enters
+        # the backward pass as large as it does in the training pass.
+        factor = self._scale
+        if self._scaled:
+            # n from the leading axes: the size with the classes would pass
+            # int32 for GPT-2 at 60 x 1024 tokens per replica.
+            first = tf.nest.flatten(self.y_pred)[0]
+            factor = factor / tf.cast(
+                tf.reduce_prod(tf.shape(first)[:-1]), tf.float32
+            )
         scaled = tf.nest.map_structure(
-            lambda c, y: tf.cast(c * self._scale, y.dtype),
+            lambda c, y: tf.cast(c * factor, y.dtype),
             cotangents, self.y_pred,
         )
         products = self._inner.gradient(
             self.y_pred, self.variables, output_gradients=scaled
         )
-        return self._unscale([_dense(p) for p in products])
+        return self._unscale([_dense(p) for p in products], factor)
 
     def hvp(self, vectors):
         # d/dθ <grad(θ), v> = H v. A sparse gradient (embedding rows)
-        # contributes only through the rows it holds.
+        # contributes only through the rows it holds. The recorded gradient
+        # carries the loss scale s; with cotangent v / c the second backward
+        # pass carries s / c on the forward activations' adjoints and 1 / c
+        # on those of the first backward pass. c = sqrt(s) keeps both in
+        # fp16 range: on a tiny GPT-2, c = 1 overflowed at s = 2^15 and
+        # c = s lost precision from s = 2^18.
+        root = tf.sqrt(self._scale) if self._scaled else 1.0
         targets, cotangents = [], []
         for grad, vector in zip(self._scaled_grads, vectors):
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
                 targets.append(grad.values)
-                cotangents.append(tf.gather(vector, grad.indices))
+                vector = tf.gather(vector, grad.indices)
             else:
                 targets.append(grad)
-                cotangents.append(tf.cast(vector, grad.dtype))
+            cotangents.append(tf.cast(vector / root, targets[-1].dtype))
         products = self._outer.gradient(
             targets, self.variables, output_gradients=cotangents
         )
-        return self._unscale([_dense(p) for p in products])
+        products = [_dense(p) for p in products]
+        return self._unscale(products, self._scale / root)
 
     # Integer Philox draws, converted here: under XLA, TensorFlow's float
     # `stateless_uniform` / `stateless_normal` return other numbers than
@@ -299,11 +326,17 @@ class _Context:
             self._seed, self._draws, alg="philox"
         )
 
-    def _unscale(self, values):
-        if isinstance(self._scale, (int, float)) and self._scale == 1:
+    @property
+    def _scaled(self):
+        """Whether the tapes' gradients carry a factor (loss scale, or
+        Keras's 1 / replicas) to undo."""
+        return not (isinstance(self._scale, (int, float)) and self._scale == 1)
+
+    def _unscale(self, values, scale):
+        if not self._scaled:
             return values
         return [
-            None if v is None else v / tf.cast(self._scale, v.dtype)
+            None if v is None else v / tf.cast(scale, v.dtype)
             for v in values
         ]
 

@@ -157,17 +157,20 @@ def test_options_that_cannot_cross_replicas_are_refused(option):
         train(lambda: Sophia(0.01, seed=1, **option), tuple(CPUS[:2]))
 
 
-def test_overflow_on_one_replica_skips_the_step_everywhere(fixed_draws):
+@pytest.mark.parametrize("interval", [100, 1])
+def test_overflow_on_one_replica_skips_the_step_everywhere(interval,
+                                                           fixed_draws):
     # mixed_float16: Keras wraps Sophia in a LossScaleOptimizer. Replica 1's
     # half of the second batch is NaN; stock Keras decides "finite" from
     # replica 0 and writes NaN into the weights. Here the step is skipped
     # on both replicas: the state equals that after the first batch alone
-    # (same strategy, so the same float16 arithmetic).
+    # (same strategy, so the same float16 arithmetic). With interval 1 the
+    # NaN step is a refresh: its estimate must not reach h either.
     x, y = classification_data(n=32)
     x[24:] = np.nan
 
     def make():
-        return Sophia(0.05, hessian_update_interval=100, seed=1)
+        return Sophia(0.05, hessian_update_interval=interval, seed=1)
 
     devices = tuple(CPUS[:2])
     keras.mixed_precision.set_global_policy("mixed_float16")
