@@ -10,10 +10,13 @@ backward passes of the training step are shared, not repeated:
   model and the batch.
 * `context.y_pred`: the model output of the training forward pass.
 * `context.variables`: the trainable variables; `context.grads`: their
-  (unscaled) training gradients.
+  training gradients of this replica's own mean loss (loss scale and
+  Keras's 1 / replicas factor undone).
 * `context.vjp(cotangents)`: `sum(y_pred * cotangents)` differentiated with
   respect to the variables through the recorded forward pass (one backward
-  pass; dense results).
+  pass; dense results). Under float16 loss scaling the pass runs at
+  `scale / terms`, sized for a cotangent summed (not averaged) over the loss
+  terms, as GNB's is.
 * `context.hvp(vectors)`: Hessian-vector products `H v` of the training loss,
   by differentiating the recorded training gradient once more.
 * `context.uniform(shape)`, `context.normal(shape)`: random draws that are
