@@ -49,3 +49,19 @@ def classification_data(n=64, inputs=5, classes=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, inputs)).astype("float32")
     return x, rng.integers(0, classes, size=(n,))
+
+
+def tiny_gpt2(vocabulary_size, sequence_length, width=32, dtype=None):
+    """An uncompiled `SophiaGPT2` of 2 layers and 2 heads, no dropout;
+    `dtype=None` takes the global policy (keras-hub's task model takes its
+    policy from the backbone)."""
+    import keras_hub
+
+    from models.gpt2 import SophiaGPT2
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocabulary_size, num_layers=2, num_heads=2,
+        hidden_dim=width, intermediate_dim=2 * width, dropout=0.0,
+        max_sequence_length=sequence_length, dtype=dtype,
+    )
+    return SophiaGPT2(backbone=backbone, preprocessor=None)

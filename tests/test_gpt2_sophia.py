@@ -1,12 +1,11 @@
 """A tiny keras-hub GPT-2 trains with Sophia on the embedded corpus."""
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
+from conftest import tiny_gpt2
 
 import keras_sophia
-from models.gpt2 import SophiaGPT2
 from train.data import AUSTEN
 from train.tokenizer import VOCAB_SIZE, gpt2_encoding
 
@@ -25,16 +24,7 @@ def austen_batches(steps, batch=8, block=32):
 
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
 def test_tiny_gpt2_loss_falls_with_sophia(estimator):
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB_SIZE,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        dropout=0.0,
-        max_sequence_length=32,
-    )
-    model = SophiaGPT2(backbone=backbone, preprocessor=None)
+    model = tiny_gpt2(VOCAB_SIZE, 32)
     optimizer = keras_sophia.Sophia(
         learning_rate=2e-3, estimator=estimator, seed=0
     )

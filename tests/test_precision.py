@@ -8,13 +8,14 @@ scale halved.
 """
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
-from conftest import classification_data, slot_values, tiny_classifier
+from conftest import classification_data
+from conftest import slot_values
+from conftest import tiny_classifier
+from conftest import tiny_gpt2
 
 import keras_sophia
-from models.gpt2 import SophiaGPT2
 from train.data import AUSTEN
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -46,20 +47,9 @@ def byte_windows(batches):
     return x, windows[:, 1:]
 
 
-def tiny_gpt2(estimator, dtype=None, run_eagerly=False):
-    """2 layers, width 32, over bytes; `dtype=None` takes the global policy
-    (keras-hub's task model takes its policy from the backbone)."""
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=256,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        dropout=0.0,
-        max_sequence_length=BLOCK,
-        dtype=dtype,
-    )
-    model = SophiaGPT2(backbone=backbone, preprocessor=None)
+def byte_gpt2(estimator, dtype=None, run_eagerly=False):
+    """2 layers, width 32, over bytes; `dtype=None`: the global policy."""
+    model = tiny_gpt2(256, BLOCK, dtype=dtype)
     model.compile(
         keras_sophia.Sophia(2e-3, estimator=estimator, seed=0),
         CE,
@@ -125,8 +115,8 @@ TOLERANCE = {"mixed_bfloat16": 0.2, "mixed_float16": 0.01}
 def test_refresh_step_matches_float32(policy, estimator):
     x, y = byte_windows(batches=1)
     # Eager: tracing this refresh step costs 10-20 s; the code is the same.
-    reference = tiny_gpt2(estimator(), dtype="float32", run_eagerly=True)
-    model = tiny_gpt2(estimator(), run_eagerly=True)
+    reference = byte_gpt2(estimator(), dtype="float32", run_eagerly=True)
+    model = byte_gpt2(estimator(), run_eagerly=True)
     for m in (reference, model):
         m(x)
     model.set_weights(reference.get_weights())
@@ -156,7 +146,7 @@ def test_refresh_step_matches_float32(policy, estimator):
 @pytest.mark.parametrize("policy", POLICIES, indirect=True)
 def test_tiny_gpt2_trains_100_steps(policy, estimator):
     x, y = byte_windows(batches=25)
-    model = tiny_gpt2(estimator)
+    model = byte_gpt2(estimator)
     history = model.fit(
         x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0
     )

@@ -4,24 +4,20 @@ and with `steps_per_execution > 1` (what TPUs need)."""
 import functools
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tiny_gpt2
 
 from keras_sophia import Sophia
 from keras_sophia import estimate_hessian
-from models.gpt2 import SophiaGPT2
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def tiny_gpt2(jit_compile=False, estimator="gnb", steps_per_execution=1):
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, dropout=0.0, max_sequence_length=16,
-    )
-    model = SophiaGPT2(backbone=backbone, preprocessor=None)
+def compiled_gpt2(jit_compile=False, estimator="gnb",
+                  steps_per_execution=1):
+    model = tiny_gpt2(64, 16, width=16)
     model.compile(
         Sophia(1e-2, hessian_update_interval=2, estimator=estimator, seed=1),
         CE, weighted_metrics=[], jit_compile=jit_compile,
@@ -40,7 +36,7 @@ def test_hessian_vector_products_through_slices_match_under_xla():
     # keras-hub's position embedding slices; under XLA the slice gradient
     # is an XlaDynamicUpdateSlice, whose own gradient keras_sophia
     # registers. Fixed probes: the products must agree with the eager ones.
-    model = tiny_gpt2()
+    model = compiled_gpt2()
     x, y = batch()
     probes = [
         np.random.default_rng(i).normal(size=v.shape).astype("float32")
@@ -59,7 +55,7 @@ def test_hessian_vector_products_through_slices_match_under_xla():
 
 
 def test_gnb_estimate_is_the_same_under_xla():
-    model = tiny_gpt2()
+    model = compiled_gpt2()
     x, y = batch()
 
     def estimate():
@@ -74,7 +70,7 @@ def test_gnb_estimate_is_the_same_under_xla():
 def fitted(estimator, jit_compile, steps_per_execution):
     """Logits, m and h after 6 steps (refreshes at 0, 2, 4) of batch 4."""
     keras.utils.set_random_seed(0)
-    model = tiny_gpt2(jit_compile, estimator, steps_per_execution)
+    model = compiled_gpt2(jit_compile, estimator, steps_per_execution)
     x, y = batch(24)
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     assert model.optimizer.iterations.numpy() == 6
