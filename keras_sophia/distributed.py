@@ -113,6 +113,44 @@ def gradients_already_reduced(optimizer):
         _tracing.reduced = False
 
 
+def apply(replica, optimizer, grads, variables):
+    """`optimizer.apply`, told on several replicas that `grads` are
+    already reduced."""
+    if replica is None:
+        optimizer.apply(grads, variables)
+        return
+    with gradients_already_reduced(optimizer):
+        optimizer.apply(grads, variables)
+
+
+def apply_if(condition, replica, optimizer, grads, variables):
+    """`optimizer.apply` when `condition` (the same on every replica)
+    holds. `apply` synchronizes, which replica context refuses inside a
+    `tf.cond`, so on several replicas the cond runs in cross-replica
+    context around a per-replica `apply`, as Keras's LossScaleOptimizer
+    does."""
+    if replica is None:
+        tf.cond(condition, lambda: optimizer.apply(grads, variables),
+                lambda: None)
+        return
+
+    def on_each_replica(grads):
+        # A new thread per replica: the already-reduced flag is set here.
+        with gradients_already_reduced(optimizer):
+            optimizer.apply(grads, variables)
+
+    def decide(strategy, condition, grads):
+        tf.cond(
+            strategy.experimental_local_results(condition)[0],
+            lambda: strategy.extended.call_for_each_replica(
+                on_each_replica, args=(grads,)
+            ),
+            lambda: None,
+        )
+
+    replica.merge_call(decide, args=(condition, grads))
+
+
 def refresh_across_replicas(replica, sophia, is_refresh, refresh, ordinary,
                             variables):
     """`tf.cond(is_refresh, refresh, ordinary)` plus the cross-replica `h`
@@ -158,7 +196,7 @@ def refresh_across_replicas(replica, sophia, is_refresh, refresh, ordinary,
             tf.cond(
                 strategy.experimental_local_results(totals[-1])[0] == 0,
                 lambda: assign_all(totals[:-2], totals[-2]),
-                lambda: None,
+                sophia.count_skipped_refresh,
             )
 
         def assign_all(totals, count):

@@ -147,6 +147,18 @@ class Sophia(keras.optimizers.Optimizer):
         self.win_rate = self.add_variable((), name="win_rate")
         # Named so that `"hessian" in v.name` still finds only the h slots.
         self.hessian_norm = self.add_variable((), name="h_norm")
+        # Steps whose gradient held a NaN or Inf; SophiaTrainStep skips
+        # them (no change to weights, m, h or iterations) and counts them.
+        self.skipped_steps = self.add_variable(
+            (), dtype="int64", aggregation="only_first_replica",
+            name="skipped_steps",
+        )
+        # Refresh steps whose estimate (or gradient) was not finite: h was
+        # left as it was.
+        self.skipped_refreshes = self.add_variable(
+            (), dtype="int64", aggregation="only_first_replica",
+            name="skipped_refreshes",
+        )
 
     def should_refresh_hessian(self):
         """Whether this step refreshes `h` (a boolean tensor).
@@ -185,6 +197,10 @@ class Sophia(keras.optimizers.Optimizer):
             if estimate is None or h is None:
                 continue
             self.assign(h, self.hessian_ema(h, estimate))
+
+    def count_skipped_refresh(self):
+        """Counts a refresh whose estimate was not finite (h unchanged)."""
+        self.skipped_refreshes.assign_add(1)
 
     def hessian_slot(self, variable):
         """The `h` slot of `variable` (None if Keras overwrites it with its

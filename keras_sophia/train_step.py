@@ -37,7 +37,9 @@ class SophiaTrainStep(MultiWorkerFit):
     them to estimate the Hessian diagonal at the current weights on the
     current batch, updates `h`, then applies the ordinary update. All other
     steps are Keras's own `train_step`. The logs gain `win_rate` and
-    `hessian_norm` (see `Sophia`), as of the last refresh.
+    `hessian_norm` (see `Sophia`), as of the last refresh. A step with a
+    non-finite gradient is skipped (`skipped_steps`), a non-finite estimate
+    leaves `h` alone (`skipped_refreshes`); both counters are logged.
 
     On more than one replica (see `keras_sophia.distributed`) gradients are
     all-reduced before clipping and the update, for any optimizer, and the
@@ -83,7 +85,7 @@ class SophiaTrainStep(MultiWorkerFit):
             tf.cond(
                 distributed.all_finite(grads + estimates),
                 lambda: sophia.update_hessian(estimates, variables),
-                lambda: None,
+                sophia.count_skipped_refresh,
             )
             return y_pred, grads
 
@@ -99,19 +101,36 @@ class SophiaTrainStep(MultiWorkerFit):
             y_pred, grads = distributed.refresh_across_replicas(
                 replica, sophia, is_refresh, refresh, ordinary, variables
             )
-        if replica is None:
-            self.optimizer.apply(grads, variables)
-        else:
+        if replica is not None:
             distributed.check_optimizer(self.optimizer)
             grads = distributed.all_reduce_gradients(replica, grads)
-            with distributed.gradients_already_reduced(self.optimizer):
-                self.optimizer.apply(grads, variables)
+        if sophia is None:
+            distributed.apply(replica, self.optimizer, grads, variables)
+        else:
+            # A NaN or Inf gradient never reaches m or the weights: the step
+            # is skipped and counted (a refresh on it has already left h
+            # alone). Under float16 loss scaling the LossScaleOptimizer
+            # skips it itself, and must, to lower its scale.
+            finite = distributed.all_finite(grads)
+            sophia.skipped_steps.assign_add(
+                tf.cast(tf.logical_not(finite), tf.int64)
+            )
+            if sophia is self.optimizer:
+                distributed.apply_if(
+                    finite, replica, self.optimizer, grads, variables
+                )
+            else:
+                distributed.apply(replica, self.optimizer, grads, variables)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if sophia is not None:
             tf.cond(is_refresh, sophia.update_diagnostics, lambda: None)
             # As of the last refresh step; reading two scalars costs nothing.
             logs["win_rate"] = tf.convert_to_tensor(sophia.win_rate)
             logs["hessian_norm"] = tf.convert_to_tensor(sophia.hessian_norm)
+            logs["skipped_steps"] = tf.convert_to_tensor(sophia.skipped_steps)
+            logs["skipped_refreshes"] = tf.convert_to_tensor(
+                sophia.skipped_refreshes
+            )
         return logs
 
 

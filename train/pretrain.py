@@ -149,7 +149,8 @@ class MetricsLog(keras.callbacks.Callback):
             return
         record = {"step": step, "loss": float(logs["loss"]),
                   "lr": float(opt.learning_rate.numpy())}
-        for name in ("win_rate", "hessian_norm"):
+        for name in ("win_rate", "hessian_norm", "skipped_steps",
+                     "skipped_refreshes"):
             if name in logs:
                 record[name] = float(logs[name])
         if hasattr(opt, "clip_count"):
