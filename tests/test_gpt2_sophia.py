@@ -22,6 +22,9 @@ def austen_batches(steps, batch=8, block=32):
     return x, windows[:, 1:]
 
 
+# Large: the pretraining tests train this model on real tokens by default,
+# and test_precision.py trains a byte-level one with both estimators.
+@pytest.mark.large
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
 def test_tiny_gpt2_loss_falls_with_sophia(estimator):
     model = tiny_gpt2(VOCAB_SIZE, 32)

@@ -13,7 +13,8 @@ from models import gpt2
     "name, millions",
     # GPT-2 small / medium / large with the 50,257-token vocabulary and
     # 1,024 positions, the LM head tied to the token embedding.
-    [("125m", 124.4), ("355m", 354.8), ("770m", 774.0)],
+    [("125m", 124.4), ("355m", 354.8),
+     pytest.param("770m", 774.0, marks=pytest.mark.large)],
 )
 def test_named_sizes_have_gpt2_parameter_counts(name, millions):
     model = gpt2.build(name)

@@ -1,9 +1,12 @@
-"""The training program end to end: files, falling loss, exact resume."""
+"""The training program end to end: files, falling loss, exact resume
+after kill -9."""
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -55,39 +58,63 @@ def test_run_writes_everything_and_loss_falls(tmp_path, cache):
     )["step"] == 24
 
 
-def test_refuses_to_overwrite_a_run_without_resume(tmp_path, cache):
+def test_same_command_continues_another_is_refused(tmp_path, cache):
     out = str(tmp_path / "run")
     args = TINY + ["--steps", "12", "--out", out, "--cache-dir", cache]
     pretrain.main(args)
-    with pytest.raises(SystemExit, match="--resume"):
-        pretrain.main(args)
-
-
-def test_resume_ends_where_the_uninterrupted_run_ends(
-    tmp_path, cache, monkeypatch
-):
-    straight = tmp_path / "straight"
-    pretrain.main(TINY + ["--out", str(straight), "--cache-dir", cache])
-
-    # Same command, stopped after its first checkpoint (step 12) ...
-    interrupted = tmp_path / "interrupted"
-    args = TINY + ["--out", str(interrupted), "--cache-dir", cache]
-    save = pretrain.Checkpoints.on_epoch_end
-
-    def save_then_stop(self, epoch, logs=None):
-        save(self, epoch, logs)
-        self.model.stop_training = True
-
-    monkeypatch.setattr(pretrain.Checkpoints, "on_epoch_end", save_then_stop)
+    with pytest.raises(SystemExit, match="other settings: lr.*--resume"):
+        pretrain.main(args + ["--lr", "1e-3"])
+    # The same command finds the run complete at step 12: nothing to train.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
     pretrain.main(args)
-    monkeypatch.setattr(pretrain.Checkpoints, "on_epoch_end", save)
-    # ... then resumed in a fresh model to step 24.
-    pretrain.main(args + ["--resume"])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(lines)
 
+
+def test_kill_9_then_the_same_command_ends_where_a_straight_run_ends(
+    tmp_path, cache
+):
+    args = TINY + ["--eval-interval", "6", "--cache-dir", cache]
+    straight = tmp_path / "straight"
+    val_loss = pretrain.main(args + ["--out", str(straight)])
+
+    # The same run in a process killed without warning once its first
+    # checkpoint (step 6) is on disk, somewhere before step 24 ...
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "train.pretrain", *args,
+               "--out", str(out)]
+    root = pathlib.Path(__file__).parents[1]
+    run = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while pretrain.latest_checkpoint(out) is None:
+            assert run.poll() is None, "the run ended before its checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    killed_at = pretrain.latest_checkpoint(out)[0]
+    assert killed_at < 24
+    # ... as if the kill had also hit a save: half-written files lie there.
+    folder = out / "checkpoints"
+    (folder / "partial-ckpt-00000030.weights.h5").write_bytes(b"\0" * 100)
+    (folder / "latest.json.partial").write_text('{"step": 30, "fi')
+
+    done = subprocess.run(command, cwd=root, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"up to step {killed_at}: resuming" in done.stdout
+    assert f"final validation loss: {val_loss:.4f}" in done.stdout
     a = read_weights(straight / "final.weights.h5")
-    b = read_weights(interrupted / "final.weights.h5")
+    b = read_weights(out / "final.weights.h5")
     assert a.keys() == b.keys()
     for name in a:
+        # Attention key biases have zero true gradient: Sophia moves them
+        # by lr * sign(float noise), and multithreaded CPU sums can flip
+        # that sign between runs. They do not change the model's output.
+        if name.endswith("key_dense/vars/1"):
+            continue
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
 

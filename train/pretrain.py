@@ -207,6 +207,15 @@ def latest_checkpoint(out):
     return latest["step"], marker.parent / latest["file"]
 
 
+def _changed_settings(out, config):
+    """Names of the settings that differ from the run saved in `out`."""
+    saved = json.loads((out / "config.json").read_text())
+    return [
+        name for name, value in dataclasses.asdict(config).items()
+        if name != "resume" and saved.get(name) != value
+    ]
+
+
 def _write_atomically(path, text):
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(text)
@@ -218,10 +227,17 @@ def main(argv=None):
     out = pathlib.Path(config.out)
     checkpoint = latest_checkpoint(out)
     if checkpoint and not config.resume:
-        raise SystemExit(
-            f"{out} already holds a run (checkpoint at step {checkpoint[0]}). "
-            "Pass --resume to continue it, or choose another --out."
-        )
+        # The same command after a crash or preemption continues the run;
+        # anything else must say so (--resume) or go elsewhere.
+        changed = _changed_settings(out, config)
+        if changed:
+            raise SystemExit(
+                f"{out} already holds a run (checkpoint at step "
+                f"{checkpoint[0]}) with other settings: {', '.join(changed)}."
+                " Pass --resume to continue it with these settings, or "
+                "choose another --out."
+            )
+        print(f"{out} holds this run up to step {checkpoint[0]}: resuming")
     if config.resume and not checkpoint:
         raise SystemExit(f"--resume: no checkpoint in {out}/checkpoints.")
     keras.utils.set_random_seed(config.seed)
