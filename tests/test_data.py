@@ -152,6 +152,11 @@ def test_empty_and_bad_sources(tmp_path):
         data.load_tokens(f"text:{empty}", tmp_path / "cache")
     # The failed build left neither a cache nor temp files behind.
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Fran\u00e7ais".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt is not UTF-8 text"):
+        data.load_tokens(f"text:{latin}", tmp_path / "cache")
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
     (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match="No `\\*.txt` files"):
         data.load_tokens(f"text:{tmp_path / 'none'}", tmp_path / "cache")
