@@ -36,26 +36,30 @@ def replica_values(variable):
     return [t.numpy() for t in variable.value.values]
 
 
-def train(make_optimizer, devices=None, x=None, y=None, steps=4, policy=None):
+def train(make_optimizer, devices=None, x=None, y=None, steps=4,
+          batch_size=16):
     """Trains `tiny_classifier` from the same initial weights on `steps`
-    global batches of 16, on `devices` (None: one device, no strategy).
-    Returns the model."""
+    global batches (or on `x, y` in order), on `devices` (None: one
+    device, no strategy). Returns the model."""
     if x is None:
-        x, y = classification_data(n=16 * steps)
+        x, y = classification_data(n=batch_size * steps)
     strategy = mirrored(devices) if devices else tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = tiny_classifier()
         model.compile(make_optimizer(), CE)
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False,
+              verbose=0)
     return model
 
 
-def state(model):
-    """Weights then optimizer variables, one list of replica copies each."""
+def state(model, leave_out=None):
+    """Weights then optimizer variables (but those named with
+    `leave_out`), one list of replica copies each."""
     return [
         replica_values(v) if hasattr(v.value, "values") else [v.numpy()]
         for v in model.trainable_variables + model.optimizer.variables
+        if leave_out is None or leave_out not in v.name
     ]
 
 

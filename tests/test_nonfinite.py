@@ -1,16 +1,14 @@
 """NaN and Inf never reach m, h or the weights: a step with a non-finite
 gradient is skipped and counted; a non-finite estimate leaves h alone."""
 
-import contextlib
-
 import keras
 import numpy as np
 import pytest
 from conftest import CPUS
 from conftest import classification_data
 from conftest import tiny_classifier
-from test_distributed import mirrored
-from test_distributed import replica_values
+from test_distributed import state
+from test_distributed import train
 
 from keras_sophia import Sophia
 
@@ -18,25 +16,12 @@ CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def fit(x, y, interval, estimator, devices=None):
-    """`tiny_classifier` from fixed initial weights, batches of 8 in order;
-    returns the model."""
-    scope = mirrored(devices).scope() if devices else contextlib.nullcontext()
-    keras.utils.set_random_seed(0)
-    with scope:
-        model = tiny_classifier()
-        model.compile(Sophia(0.05, hessian_update_interval=interval,
-                             estimator=estimator, seed=1), CE)
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-    return model
-
-
-def copies(model):
-    """Every weight and Sophia variable, per replica where mirrored."""
-    return [
-        replica_values(v) if hasattr(v.value, "values") else [v.numpy()]
-        for v in model.trainable_variables + model.optimizer.variables
-        if "skipped" not in v.name
-    ]
+    """Sophia on `x, y` in batches of 8, from fixed initial weights."""
+    return train(
+        lambda: Sophia(0.05, hessian_update_interval=interval,
+                       estimator=estimator, seed=1),
+        devices, x=x, y=y, batch_size=8,
+    )
 
 
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
@@ -57,7 +42,7 @@ def test_nan_gradient_step_is_skipped_and_counted(estimator, interval,
     assert sophia.iterations.numpy() == 2
     assert sophia.skipped_steps.numpy() == 1
     assert sophia.skipped_refreshes.numpy() == (1 if interval == 1 else 0)
-    for bad, good in zip(copies(with_bad), copies(without)):
+    for bad, good in zip(state(with_bad, "skipped"), state(without, "skipped")):
         for value in bad:
             assert np.all(np.isfinite(value))
             np.testing.assert_array_equal(value, good[0])
