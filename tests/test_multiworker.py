@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -42,9 +43,30 @@ def run_workers(tmp_path, optimizer, input_kind):
 def run_cluster(tmp_path, arguments):
     """Runs `python *arguments(index)` as workers 0 and 1 of one cluster;
     fails with their stderr if either fails."""
+    procs = start_cluster(tmp_path, arguments)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        # A worker whose peer died waits in a collective: end both.
+        stop(procs)
+    if any(proc.returncode != 0 for proc in procs):
+        pytest.fail("\n".join(
+            f"worker {i} exit {proc.returncode}:\n"
+            f"{(tmp_path / f'worker{i}.err').read_text()[-3000:]}"
+            for i, proc in enumerate(procs)
+        ))
+
+
+def start_cluster(tmp_path, arguments):
+    """Starts the two workers; their output goes to tmp_path/worker{i}.out
+    and .err (files: a full pipe would block a worker mid-collective)."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     python_path = [str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
-    procs, logs = [], []
+    procs = []
     for index in range(2):
         env = dict(
             os.environ,
@@ -55,30 +77,20 @@ def run_cluster(tmp_path, arguments):
             TF_CPP_MIN_LOG_LEVEL="3",
             PYTHONPATH=os.pathsep.join(filter(None, python_path)),
         )
-        # stderr to a file: a full pipe would block a worker mid-collective.
-        logs.append(tmp_path / f"worker{index}.err")
-        with logs[-1].open("w") as err:
+        with (tmp_path / f"worker{index}.out").open("w") as out, \
+                (tmp_path / f"worker{index}.err").open("w") as err:
             procs.append(subprocess.Popen(
                 [sys.executable, *arguments(index)], cwd=TESTS.parent,
-                env=env, stdout=subprocess.DEVNULL, stderr=err,
+                env=env, stdout=out, stderr=err,
             ))
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        # A worker whose peer died waits in a collective: end both.
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if any(proc.returncode != 0 for proc in procs):
-        pytest.fail("\n".join(
-            f"worker {i} exit {proc.returncode}:\n{log.read_text()[-3000:]}"
-            for i, (proc, log) in enumerate(zip(procs, logs, strict=True))
-        ))
+    return procs
+
+
+def stop(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def single_process(optimizer):
@@ -137,20 +149,50 @@ def test_sophia_workers_match_each_other_and_one_process(tmp_path, optimizer,
     )
 
 
-def test_pretraining_program_on_two_workers(tmp_path):
-    # The README's multi-worker command, on one tiny run: both workers
-    # train, only the chief writes the run directory.
-    out = tmp_path / "run"
-    run_cluster(tmp_path, lambda index: [
+def pretrain_command(out, cache):
+    return lambda index: [
         "-m", "train.pretrain", "--strategy", "multiworker",
         "--model", "tiny", "--steps", "8", "--eval-interval", "4",
         "--log-interval", "4", "--batch-size", "4", "--block-size", "32",
         "--eval-steps", "2", "--hessian-interval", "2", "--out", str(out),
-        "--cache-dir", str(tmp_path / "cache"),
-    ])
+        "--cache-dir", str(cache),
+    ]
+
+
+def test_pretraining_program_on_two_workers(tmp_path):
+    # The README's multi-worker command, on one tiny run: both workers
+    # train, only the chief writes the run directory.
+    out = tmp_path / "run"
+    run_cluster(tmp_path, pretrain_command(out, tmp_path / "cache"))
     assert (out / "final.weights.h5").exists()
     assert json.loads((out / "checkpoints" / "latest.json").read_text())[
         "step"] == 8
     steps = [json.loads(line)["step"]
              for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 4, 8, 8]  # a train line and a val_loss line each
+
+
+def test_killed_worker_then_both_restarted_resume(tmp_path):
+    # Worker 1 is killed once the step-4 checkpoint exists; its peer is
+    # stopped too (it would wait in a collective until the health check
+    # ends it). The same commands again: both resume from step 4.
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    procs = start_cluster(tmp_path, pretrain_command(out, cache))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoints" / "latest.json").exists():
+            assert all(p.poll() is None for p in procs), "a worker ended"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+    finally:
+        stop(procs)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())[
+        "step"] == 4
+    run_cluster(tmp_path, pretrain_command(out, cache))
+    for index in range(2):
+        printed = (tmp_path / f"worker{index}.out").read_text()
+        assert "up to step 4: resuming" in printed, index
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())[
+        "step"] == 8
+    assert (out / "final.weights.h5").exists()
