@@ -70,15 +70,17 @@ def test_same_command_continues_another_is_refused(tmp_path, cache):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(lines)
 
 
+@pytest.mark.parametrize("optimizer", ["sophia-g", "sophia-h"])
 def test_kill_9_then_the_same_command_ends_where_a_straight_run_ends(
-    tmp_path, cache
+    tmp_path, cache, optimizer
 ):
-    args = TINY + ["--eval-interval", "6", "--cache-dir", cache]
+    args = TINY + ["--steps", "12", "--eval-interval", "4", "--optimizer",
+                   optimizer, "--cache-dir", cache]
     straight = tmp_path / "straight"
     val_loss = pretrain.main(args + ["--out", str(straight)])
 
     # The same run in a process killed without warning once its first
-    # checkpoint (step 6) is on disk, somewhere before step 24 ...
+    # checkpoint (step 4) is on disk, somewhere before step 12 ...
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "train.pretrain", *args,
                "--out", str(out)]
@@ -95,7 +97,7 @@ def test_kill_9_then_the_same_command_ends_where_a_straight_run_ends(
         run.send_signal(signal.SIGKILL)
         run.wait()
     killed_at = pretrain.latest_checkpoint(out)[0]
-    assert killed_at < 24
+    assert killed_at < 12
     # ... as if the kill had also hit a save: half-written files lie there.
     folder = out / "checkpoints"
     (folder / "partial-ckpt-00000030.weights.h5").write_bytes(b"\0" * 100)
@@ -106,17 +108,32 @@ def test_kill_9_then_the_same_command_ends_where_a_straight_run_ends(
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"up to step {killed_at}: resuming" in done.stdout
     assert f"final validation loss: {val_loss:.4f}" in done.stdout
-    a = read_weights(straight / "final.weights.h5")
-    b = read_weights(out / "final.weights.h5")
+    assert_same_run(read_weights(straight / "final.weights.h5"),
+                    read_weights(out / "final.weights.h5"))
+
+
+def assert_same_run(a, b):
+    """Equal weights, up to CPU float nondeterminism.
+
+    Two *uninterrupted* runs in separate processes already differ here:
+    TensorFlow's multithreaded CPU sums vary in their last bits (op
+    determinism does not change that), and Sophia's lr * m / (rho * h)
+    amplifies the noise where the curvature is tiny. Measured for Sophia-H
+    over 12 steps: every attention key bias (zero true gradient: they move
+    lr * sign(noise), and do not change the output) and 2 of 6.9M other
+    entries, by up to 2e-4. So key biases are left out, and at most 1 in
+    100,000 other entries may leave rtol 1e-5 / atol 1e-6. A resume that
+    lost m, h, iterations or the data position moves far more.
+    """
     assert a.keys() == b.keys()
+    off = total = 0
     for name in a:
-        # Attention key biases have zero true gradient: Sophia moves them
-        # by lr * sign(float noise), and multithreaded CPU sums can flip
-        # that sign between runs. They do not change the model's output.
         if name.endswith("key_dense/vars/1"):
             continue
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        close = np.isclose(b[name], a[name], rtol=1e-5, atol=1e-6)
+        off += int(np.sum(~close))
+        total += close.size
+    assert off <= total * 1e-5, f"{off} of {total} entries differ"
 
 
 def test_named_configs_cover_every_size_and_optimizer():
