@@ -135,9 +135,8 @@ def apply_if(condition, replica, optimizer, grads, variables):
         return
 
     def on_each_replica(grads):
-        # A new thread per replica: the already-reduced flag is set here.
-        with gradients_already_reduced(optimizer):
-            optimizer.apply(grads, variables)
+        # Runs in a new thread per replica, which sets its own flag.
+        apply(replica, optimizer, grads, variables)
 
     def decide(strategy, condition, grads):
         tf.cond(
