@@ -20,6 +20,7 @@ import os
 import pathlib
 
 import keras
+import tensorflow as tf
 
 import keras_sophia
 from models import gpt2
@@ -54,6 +55,7 @@ class Config:
     precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
     jit: bool = False  # XLA-compile the train step
     seed: int = 0  # data order, initialisation, estimator draws
+    deterministic: bool = False  # bit-reproducible runs and resumes; slower
     val_fraction: float = 0.05  # austen / text: last share of tokens
     cache_dir: str = "~/.cache/keras_sophia"  # token cache
     data_dir: str = None  # TFDS data dir (openwebtext)
@@ -216,6 +218,28 @@ def _changed_settings(out, config):
     ]
 
 
+def _make_deterministic():
+    """Make every op give the same bits in every run.
+
+    Multithreaded CPU kernels split sums differently from run to run, and
+    Sophia's lr * m / (rho * h) turns last-bit noise into visible weight
+    differences wherever the curvature is tiny. One thread per op, plus
+    TensorFlow's op determinism (for GPU kernels), removes the noise."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError as error:
+        raise SystemExit(
+            "--deterministic must take effect before TensorFlow runs its "
+            "first op: call train.pretrain.main first, or set "
+            "TF_NUM_INTRAOP_THREADS=1 and TF_NUM_INTEROP_THREADS=1 in the "
+            f"environment instead ({error})"
+        ) from error
+    tf.config.experimental.enable_op_determinism()
+
+
 def _write_atomically(path, text):
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(text)
@@ -240,6 +264,8 @@ def main(argv=None):
         print(f"{out} holds this run up to step {checkpoint[0]}: resuming")
     if config.resume and not checkpoint:
         raise SystemExit(f"--resume: no checkpoint in {out}/checkpoints.")
+    if config.deterministic:
+        _make_deterministic()
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
     strategy = strategy_lib.get_strategy(config.strategy, config.tpu)
