@@ -225,8 +225,6 @@ def _make_deterministic():
     Sophia's lr * m / (rho * h) turns last-bit noise into visible weight
     differences wherever the curvature is tiny. One thread per op, plus
     TensorFlow's op determinism (for GPU kernels), removes the noise."""
-    import tensorflow as tf
-
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
