@@ -71,9 +71,19 @@ class SophiaTrainStep(MultiWorkerFit):
 
         def refresh():
             seed = _step_seed(sophia.seed, sophia._iterations)
-            return _refresh_pass(
-                self, x, y, sample_weight, sophia.estimator, seed
+            fraction = sophia.hessian_batch_fraction
+            if fraction == 1.0:
+                return _refresh_pass(
+                    self, x, y, sample_weight, sophia.estimator, seed
+                )
+            # Estimate on a slice: a pass of its own over fewer examples
+            # costs less than reusing the full-batch pass.
+            y_pred, grads = ordinary()
+            part = _leading(fraction, (x, y, sample_weight))
+            _, _, statistics = _refresh_pass(
+                self, *part, sophia.estimator, seed, track_loss=False
             )
+            return y_pred, grads, statistics
 
         def refresh_and_update():
             y_pred, grads, (sums, count) = refresh()
@@ -168,6 +178,22 @@ def estimate_hessian(
         model, x, y, sample_weight, estimator, seed, track_loss=False
     )
     return estimator.finalize(sums, count)
+
+
+def _leading(fraction, data):
+    """The first `max(1, floor(fraction * batch))` examples of every
+    tensor in `data` (static sizes where the batch size is static, as XLA
+    wants)."""
+    first = next(t for t in tf.nest.flatten(data) if t is not None)
+    batch = first.shape[0]
+    if batch is None:
+        batch = tf.cast(tf.shape(first)[0], tf.float32)
+        size = tf.maximum(tf.cast(fraction * batch, tf.int32), 1)
+    else:
+        size = max(int(fraction * batch), 1)
+    return tf.nest.map_structure(
+        lambda t: None if t is None else t[:size], data
+    )
 
 
 def _find_sophia(optimizer):

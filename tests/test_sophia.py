@@ -202,6 +202,7 @@ def test_config_round_trip():
         epsilon=1e-10,
         weight_decay=0.2,
         hessian_update_interval=7,
+        hessian_batch_fraction=0.25,
         estimator=Hutchinson(distribution="normal", num_samples=2),
         seed=123,
         global_clipnorm=1.0,
@@ -236,6 +237,9 @@ def test_seed_is_drawn_once_and_kept_in_the_config():
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"hessian_update_interval": 0}, "hessian_update_interval"),
         ({"hessian_update_interval": 2.5}, "hessian_update_interval"),
+        ({"hessian_batch_fraction": 0.0}, "hessian_batch_fraction"),
+        ({"hessian_batch_fraction": 1.5}, "hessian_batch_fraction"),
+        ({"hessian_batch_fraction": "half"}, "hessian_batch_fraction"),
         ({"estimator": "newton"}, "estimator"),
     ],
 )

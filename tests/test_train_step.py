@@ -93,6 +93,33 @@ def test_refresh_step_is_estimate_then_update_then_ordinary_step():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_hessian_batch_fraction_estimates_on_the_leading_examples(estimator):
+    # 0.4 of a batch of 8: the refresh estimates on floor(3.2) = 3 examples,
+    # the training gradient still uses all 8.
+    x, y = classification_data(n=8)
+    sliced = tiny_classifier()
+    whole = tiny_classifier()
+    whole.set_weights(sliced.get_weights())
+    sliced.compile(Sophia(0.1, seed=4, estimator=estimator,
+                          hessian_batch_fraction=0.4), CE)
+    whole.compile(Sophia(0.1, seed=4, estimator=estimator), CE)
+    estimates = estimate_hessian(whole, x[:3], y[:3], seed=4)
+
+    for model in (sliced, whole):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+
+    # Step 0 from h = 0: h = (1 - beta_2) * estimate on the first 3.
+    for h, e in zip(slot_values(sliced.optimizer, "hessian"), estimates):
+        np.testing.assert_allclose(h, 0.01 * e.numpy(), rtol=1e-5, atol=1e-9)
+    # m = (1 - beta_1) * g on the whole batch, as without the option.
+    for a, b in zip(slot_values(sliced.optimizer, "momentum"),
+                    slot_values(whole.optimizer, "momentum")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(slot_values(sliced.optimizer, "hessian")[0],
+                           slot_values(whole.optimizer, "hessian")[0])
+
+
 def test_other_optimizers_get_the_plain_keras_step():
     x, y = classification_data()
     mixed_in = tiny_classifier()

@@ -1,0 +1,34 @@
+"""train.benchmark: the state-size figure, and the program in --quick mode.
+
+The speed targets are benchmark results (BENCHMARKS.md), not assertions:
+timings on a shared 2-core machine would make such tests flaky."""
+
+import json
+import math
+
+import pytest
+
+from train import benchmark
+
+
+def test_sophia_keeps_as_much_state_as_adamw_and_twice_lion():
+    # Sophia: m and h; AdamW: m and v; Lion: m. One float32 each per weight.
+    assert benchmark.state_bytes() == {"sophia": 2.0, "adamw": 2.0,
+                                       "lion": 1.0}
+
+
+@pytest.mark.large
+def test_quick_mode_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert math.isfinite(result["apply_time_ratio_vs_adamw"])
+    assert result["apply_time_ratio_vs_adamw"] > 0
+    for estimator in ("g", "h"):
+        ratios = result[f"step_time_ratio_sophia_{estimator}_vs_adamw"]
+        assert set(ratios) == {"graph", "graph_half_batch"}
+        assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+    assert result["state_bytes_per_param_bytes"]["sophia"] == 2.0
+    table = (tmp_path / "bench.md").read_text()
+    assert "| apply, 6,960,768 parameters (XLA) |" in table
+    assert "refresh step" in table
