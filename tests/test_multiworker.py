@@ -172,6 +172,7 @@ def test_pretraining_program_on_two_workers(tmp_path):
     assert steps == [4, 4, 8, 8]  # a train line and a val_loss line each
 
 
+@pytest.mark.large  # four worker processes
 def test_killed_worker_then_both_restarted_resume(tmp_path):
     # Worker 1 is killed once the step-4 checkpoint exists; its peer is
     # stopped too (it would wait in a collective until the health check

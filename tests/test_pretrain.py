@@ -51,6 +51,8 @@ def test_run_writes_everything_and_loss_falls(tmp_path, cache):
                for x in train)
     assert all(0.0 <= x["clipped"] <= 1.0 for x in train[1:])
     assert [x["step"] for x in lines if "val_loss" in x] == [12, 24]
+    times = [x["time"] for x in lines]  # seconds in training steps
+    assert 0 < times[0] and times == sorted(times)
     assert (out / "final.weights.h5").stat().st_size > 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert json.loads(
@@ -70,6 +72,7 @@ def test_same_command_continues_another_is_refused(tmp_path, cache):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(lines)
 
 
+@pytest.mark.large  # ~70 s each: four processes
 @pytest.mark.parametrize("optimizer", ["sophia-g", "sophia-h"])
 def test_kill_9_then_the_same_command_ends_where_a_straight_run_ends(
     tmp_path, cache, optimizer
@@ -119,6 +122,11 @@ def test_kill_9_then_the_same_command_ends_where_a_straight_run_ends(
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"up to step {killed_at}: resuming" in done.stdout
     assert done.stdout.splitlines()[-1] == val_loss
+    # The clock went on from the checkpoint's time: the last line logged
+    # for each step has a time that grows with the step.
+    lines = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    last = {x["step"]: x["time"] for x in lines if "val_loss" in x}
+    assert list(last.values()) == sorted(last.values())
     # Bit for bit: m, h, iterations, the k-step schedule, the data position
     # and the estimator's random stream all came back.
     a = read_weights(tmp_path / "straight" / "final.weights.h5")

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import time
 
 import keras
 import tensorflow as tf
@@ -45,6 +46,7 @@ class Config:
     weight_decay: float = 0.2  # decoupled; matrices only
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
     hessian_interval: int = 10  # Sophia's k
+    hessian_batch_fraction: float = 1.0  # share of the batch h is estimated on
     beta_1: float = None  # None: the optimizer's default
     beta_2: float = None
     eval_interval: int = 50  # steps between validation and checkpoints
@@ -128,6 +130,7 @@ def make_optimizer(config):
     return keras_sophia.Sophia(
         rho=config.rho,
         hessian_update_interval=config.hessian_interval,
+        hessian_batch_fraction=config.hessian_batch_fraction,
         estimator="gnb" if config.optimizer == "sophia-g" else "hutchinson",
         seed=config.seed,
         **common,
@@ -137,19 +140,35 @@ def make_optimizer(config):
 
 class MetricsLog(keras.callbacks.Callback):
     """Appends one JSON line per `every` steps to `path` (and adds the
-    clipping and Sophia diagnostics to the logs TensorBoard sees)."""
+    clipping and Sophia diagnostics to the logs TensorBoard sees).
+
+    Every line has `time`: seconds spent in training steps since the run
+    began, for plotting loss against wall-clock. The clock stops between
+    an epoch's last step and the next epoch's start, so validation,
+    checkpoints and their bookkeeping are left out."""
 
     def __init__(self, path, every):
         super().__init__()
         self.path, self.every = path, every
         self.last_count = self.last_step = None
 
+    def on_train_begin(self, logs=None):
+        # A resumed run's clock goes on from the time logged at its
+        # checkpoint's step, so work redone after a crash counts once.
+        step = int(self.model.optimizer.iterations.numpy())
+        self.elapsed = _logged_time(self.path, step)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter() - self.elapsed
+
     def on_train_batch_end(self, batch, logs=None):
+        self.elapsed = time.perf_counter() - self.started
         opt = self.model.optimizer
         step = int(opt.iterations.numpy())
         if step % self.every:
             return
-        record = {"step": step, "loss": float(logs["loss"]),
+        record = {"step": step, "time": self.elapsed,
+                  "loss": float(logs["loss"]),
                   "lr": float(opt.learning_rate.numpy())}
         for name in ("win_rate", "hessian_norm", "skipped_steps",
                      "skipped_refreshes"):
@@ -163,17 +182,30 @@ class MetricsLog(keras.callbacks.Callback):
                     step - self.last_step)
             record["grad_norm"] = float(opt.grad_norm.numpy())
             self.last_count, self.last_step = count, step
-        logs.update({k: v for k, v in record.items() if k != "step"})
+        logs.update({k: v for k, v in record.items()
+                     if k not in ("step", "time")})
         self._write(record)
 
     def on_epoch_end(self, epoch, logs=None):
         if "val_loss" in logs:
             step = int(self.model.optimizer.iterations.numpy())
-            self._write({"step": step, "val_loss": float(logs["val_loss"])})
+            self._write({"step": step, "time": self.elapsed,
+                         "val_loss": float(logs["val_loss"])})
 
     def _write(self, record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _logged_time(path, step):
+    """The last `time` logged in `path` at or before `step`; 0 if none."""
+    path = pathlib.Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
+    times = [0.0] + [
+        record["time"] for record in map(json.loads, lines)
+        if record["step"] <= step and "time" in record
+    ]
+    return times[-1]
 
 
 class Checkpoints(keras.callbacks.Callback):
