@@ -29,6 +29,7 @@ def test_first_reach_interpolates_between_evaluations():
     assert compare.first_reach([(10, 6.0), (20, math.nan)], 5.0) is None
 
 
+@pytest.mark.large  # ~85 s: five short pretraining runs, then a rerun
 def test_quick_comparison_end_to_end(tmp_path, tmp_path_factory, capsys):
     cache = str(tmp_path_factory.mktemp("cache"))
     argv = ["--quick", "--out", str(tmp_path), "--cache-dir", cache]
