@@ -28,6 +28,12 @@ def test_quick_mode_writes_every_figure(tmp_path):
         ratios = result[f"step_time_ratio_sophia_{estimator}_vs_adamw"]
         assert set(ratios) == {"graph", "graph_half_batch"}
         assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+        # A ratio of medians lies within the range of the paired ratios:
+        # if every cycle has S_i >= lo * A_i, the medians do too.
+        ranges = result[f"step_time_ratio_range_sophia_{estimator}_vs_adamw"]
+        assert set(ranges) == set(ratios)
+        for key, (lo, hi) in ranges.items():
+            assert 0 < lo <= ratios[key] <= hi, key
     assert result["state_bytes_per_param_bytes"]["sophia"] == 2.0
     table = (tmp_path / "bench.md").read_text()
     assert "| apply, 6,960,768 parameters (XLA) |" in table
