@@ -9,10 +9,17 @@ import keras
 import keras_hub
 
 import keras_sophia
-from train.tokenizer import VOCAB_SIZE
+
+# GPT-2's BPE vocabulary; byte-level models pass 256.
+VOCAB_SIZE = 50257
 
 # (layers, heads, width); the MLP is 4x the width, blocks are 1024 tokens.
 SIZES = {
+    # Byte-level sizes (with `--tokenizer bytes`): small enough for runs of
+    # thousands of steps on a CPU, and 5.6x apart in parameters so that a
+    # comparison at both shows whether its answer moves with scale.
+    "byte-s": (4, 4, 64),  # 0.22M parameters with 256 tokens
+    "byte-m": (6, 4, 128),  # 1.23M
     "tiny": (2, 2, 128),  # CPU-sized default for examples and tests
     "30m": (6, 6, 384),  # the paper's hyperparameter-sweep size
     "125m": (12, 12, 768),  # GPT-2 small
@@ -36,11 +43,12 @@ class SophiaGPT2(keras_sophia.SophiaTrainStep, keras_hub.models.GPT2CausalLM):
             self.optimizer.build(self.trainable_variables)
 
 
-def build(name="tiny", block_size=1024, dropout=0.0):
+def build(name="tiny", block_size=1024, dropout=0.0,
+          vocabulary_size=VOCAB_SIZE):
     """A `SophiaGPT2` of the named size, with no preprocessor attached.
 
     Inputs are `{"token_ids", "padding_mask"}` of shape (batch, block);
-    outputs are logits (batch, block, 50257).
+    outputs are logits (batch, block, vocabulary_size).
     """
     if name not in SIZES:
         raise ValueError(
@@ -49,7 +57,7 @@ def build(name="tiny", block_size=1024, dropout=0.0):
         )
     layers, heads, width = SIZES[name]
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB_SIZE,
+        vocabulary_size=vocabulary_size,
         num_layers=layers,
         num_heads=heads,
         hidden_dim=width,

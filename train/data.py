@@ -1,8 +1,8 @@
 """Pretraining data: token sources, a tokenize-once cache, window packing.
 
-`load_tokens` tokenizes a source once with GPT-2's BPE (tiktoken, byte-exact
-with OpenAI's) into `cache_dir/<slug>/{train,val}.bin` and memory-maps those
-files afterwards. `make_dataset` cuts the token stream into fixed windows
+`load_tokens` tokenizes a source once, with GPT-2's BPE (tiktoken, byte-exact
+with OpenAI's) or as UTF-8 bytes, into `cache_dir/<slug>/{train,val}.bin` and
+memory-maps those files afterwards. `make_dataset` cuts the token stream into fixed windows
 and batches them for `GPT2CausalLM`-style models.
 """
 
@@ -21,7 +21,8 @@ import tqdm
 from train import tokenizer
 
 AUSTEN = pathlib.Path(__file__).parent / "data" / "austen.txt"
-# GPT-2 ids are < 50257 < 2**16, so two bytes per token.
+# GPT-2 ids are < 50257 < 2**16, so two bytes per token (bytes too: one
+# format for every cache).
 _DTYPE = np.uint16
 # Documents per `encode_ordinary_batch` call: enough to keep every thread
 # busy, few enough that the texts in flight stay small.
@@ -29,7 +30,8 @@ _CHUNK = 1024
 
 
 def load_tokens(
-    source, cache_dir, val_fraction=0.05, data_dir=None, manual_dir=None
+    source, cache_dir, val_fraction=0.05, data_dir=None, manual_dir=None,
+    tokenizer_name="gpt2",
 ):
     """Token ids of `source`, tokenized once and cached.
 
@@ -43,25 +45,36 @@ def load_tokens(
             stream is validation. Ignored for `"openwebtext"`.
         data_dir: TFDS data dir for `"openwebtext"`.
         manual_dir: folder holding `openwebtext.tar.xz`.
+        tokenizer_name: `"gpt2"` (BPE) or `"bytes"` (UTF-8 bytes).
 
     Returns:
         `(train_ids, val_ids)`, 1-D uint16 arrays memory-mapped from the
-        cache. Every document ends with GPT-2's `<|endoftext|>` id.
+        cache. Every document ends with the tokenizer's end-of-text id
+        (`tokenizer.END_OF_TEXT_IDS`).
     """
+    if tokenizer_name not in tokenizer.VOCAB_SIZES:
+        raise ValueError(
+            f"Argument `tokenizer_name` must be one of "
+            f"{sorted(tokenizer.VOCAB_SIZES)}. "
+            f"Received: tokenizer_name={tokenizer_name!r}"
+        )
     files = _source_files(source)
     if files is not None and not 0.0 < val_fraction < 1.0:
         raise ValueError(
             "Argument `val_fraction` must be in (0, 1). "
             f"Received: val_fraction={val_fraction}"
         )
-    folder = pathlib.Path(cache_dir) / _slug(source, files, val_fraction)
+    folder = pathlib.Path(cache_dir) / _slug(
+        source, files, val_fraction, tokenizer_name)
     meta = _read_meta(folder)
     if meta is None:
         folder.mkdir(parents=True, exist_ok=True)
         if files is None:
-            meta = _cache_openwebtext(folder, data_dir, manual_dir)
+            meta = _cache_openwebtext(
+                folder, data_dir, manual_dir, tokenizer_name)
         else:
-            meta = _cache_text(folder, source, files, val_fraction)
+            meta = _cache_text(
+                folder, source, files, val_fraction, tokenizer_name)
     return (
         _open(folder / "train.bin", meta["train_tokens"]),
         _open(folder / "val.bin", meta["val_tokens"]),
@@ -96,9 +109,11 @@ def _source_files(source):
     )
 
 
-def _slug(source, files, val_fraction):
+def _slug(source, files, val_fraction, tokenizer_name):
+    # BPE caches keep the names they had before byte caches existed.
+    suffix = "" if tokenizer_name == "gpt2" else f"-{tokenizer_name}"
     if files is None:
-        return "openwebtext"
+        return "openwebtext" + suffix
     # Paths, sizes and mtimes in the name: editing a file, or asking for
     # another split, gets a fresh cache instead of stale tokens.
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
@@ -110,7 +125,7 @@ def _slug(source, files, val_fraction):
         # "text-my_books-<hash>".
         base = pathlib.Path(source[len("text:"):]).name
         name = "text-" + re.sub(r"[^\w.-]+", "_", base)
-    return f"{name}-{hashlib.sha256(key).hexdigest()[:12]}"
+    return f"{name}{suffix}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def _read_meta(folder):
@@ -133,11 +148,12 @@ def _open(path, count):
     return np.memmap(path, dtype=_DTYPE, mode="r", shape=(count,))
 
 
-def _cache_text(folder, source, files, val_fraction):
+def _cache_text(folder, source, files, val_fraction, tokenizer_name):
     temp = _temp_path(folder)
     try:
         with open(temp, "wb") as out:
-            total = _write_tokens(_read_texts(files), out, len(files))
+            total = _write_tokens(
+                _read_texts(files), out, len(files), tokenizer_name)
         if total["text_tokens"] == 0:
             raise ValueError(
                 f"The corpus {source!r} is empty: its {len(files)} file(s) "
@@ -166,10 +182,10 @@ def _cache_text(folder, source, files, val_fraction):
         val_tokens=num_val,
         documents=total["documents"],
     )
-    return _write_meta(folder, meta)
+    return _write_meta(folder, meta, tokenizer_name)
 
 
-def _cache_openwebtext(folder, data_dir, manual_dir):
+def _cache_openwebtext(folder, data_dir, manual_dir, tokenizer_name):
     # Imported here: TFDS and the builder are only needed for this source.
     import tensorflow_datasets as tfds
 
@@ -191,7 +207,8 @@ def _cache_openwebtext(folder, data_dir, manual_dir):
         try:
             with open(temp, "wb") as out:
                 size = builder.info.splits[split].num_examples
-                counts[name] = _write_tokens(texts, out, size)
+                counts[name] = _write_tokens(
+                    texts, out, size, tokenizer_name)
             os.replace(temp, folder / f"{name}.bin")
         finally:
             _remove(temp)
@@ -201,7 +218,7 @@ def _cache_openwebtext(folder, data_dir, manual_dir):
         val_tokens=counts["val"]["tokens"],
         documents=counts["train"]["documents"] + counts["val"]["documents"],
     )
-    return _write_meta(folder, meta)
+    return _write_meta(folder, meta, tokenizer_name)
 
 
 def _read_texts(files):
@@ -215,19 +232,16 @@ def _read_texts(files):
             ) from error
 
 
-def _write_tokens(texts, out, num_documents):
+def _write_tokens(texts, out, num_documents, tokenizer_name):
     """Tokenizes `texts` chunk by chunk into `out`; returns the counts."""
-    encoding = tokenizer.gpt2_encoding()
+    end_of_text = tokenizer.END_OF_TEXT_IDS[tokenizer_name]
     total = dict(tokens=0, text_tokens=0, documents=0)
     progress = tqdm.tqdm(total=num_documents, unit="doc", desc="Tokenizing")
     with progress:
         while chunk := list(itertools.islice(texts, _CHUNK)):
-            encoded = encoding.encode_ordinary_batch(
-                chunk, num_threads=os.cpu_count() or 1
-            )
-            # An empty document would add a lone <|endoftext|>: skip it.
-            encoded = [ids + [tokenizer.END_OF_TEXT_ID]
-                       for ids in encoded if ids]
+            encoded = tokenizer.encode_batch(tokenizer_name, chunk)
+            # An empty document would add a lone end-of-text id: skip it.
+            encoded = [ids + [end_of_text] for ids in encoded if ids]
             ids = np.fromiter(
                 itertools.chain.from_iterable(encoded), dtype=_DTYPE
             )
@@ -239,8 +253,9 @@ def _write_tokens(texts, out, num_documents):
     return total
 
 
-def _write_meta(folder, meta):
-    meta = dict(meta, tokenizer="gpt2 (tiktoken)", dtype="uint16")
+def _write_meta(folder, meta, tokenizer_name):
+    names = {"gpt2": "gpt2 (tiktoken)", "bytes": "UTF-8 bytes"}
+    meta = dict(meta, tokenizer=names[tokenizer_name], dtype="uint16")
     temp = _temp_path(folder)
     try:
         pathlib.Path(temp).write_text(json.dumps(meta, indent=2) + "\n")

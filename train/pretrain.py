@@ -29,6 +29,7 @@ from train import clipping
 from train import configs
 from train import data
 from train import strategy as strategy_lib
+from train import tokenizer
 
 
 @dataclasses.dataclass
@@ -36,6 +37,7 @@ class Config:
     model: str = "tiny"  # a name in models.gpt2.SIZES
     optimizer: str = "sophia-g"  # sophia-g | sophia-h | adamw | lion
     data: str = "austen"  # austen | openwebtext | text:PATH
+    tokenizer: str = "gpt2"  # gpt2 (BPE, 50,257 tokens) | bytes (UTF-8, 256)
     steps: int = 200  # optimizer steps in total (also when resuming)
     batch_size: int = 16  # global batch, in blocks, across all replicas
     block_size: int = 64  # tokens per block
@@ -43,7 +45,7 @@ class Config:
     min_lr: float = 1e-4  # end of the cosine decay
     warmup: int = 20  # linear warmup steps
     rho: float = 0.05  # Sophia's rho (ignored by AdamW and Lion)
-    weight_decay: float = 0.2  # decoupled; matrices only
+    weight_decay: float = 0.2  # decoupled; dense kernels only
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
     hessian_interval: int = 10  # Sophia's k
     hessian_batch_fraction: float = 1.0  # share of the batch h is estimated on
@@ -100,11 +102,26 @@ def _check(config):
     if config.optimizer not in ("sophia-g", "sophia-h", "adamw", "lion"):
         raise ValueError("--optimizer must be sophia-g, sophia-h, adamw or "
                          f"lion; got {config.optimizer!r}")
+    if config.tokenizer not in tokenizer.VOCAB_SIZES:
+        raise ValueError(f"--tokenizer must be one of "
+                         f"{sorted(tokenizer.VOCAB_SIZES)}; "
+                         f"got {config.tokenizer!r}")
     if config.steps % config.eval_interval:
         raise ValueError(
             f"--steps ({config.steps}) must be a multiple of --eval-interval "
             f"({config.eval_interval}): each Keras epoch is one interval."
         )
+
+
+def no_decay(variables):
+    """The variables weight decay leaves alone: all but the dense kernels.
+
+    The Sophia authors' GPT-2 (nanoGPT's) decays the weights of its Linear
+    layers only: not embeddings, biases or layer norms. keras-hub's
+    attention biases have shape (heads, head_dim), so picking matrices by
+    rank would decay them; the name `kernel` marks Dense and EinsumDense
+    weights, whatever their rank."""
+    return [v for v in variables if v.name != "kernel"]
 
 
 def make_optimizer(config):
@@ -309,19 +326,18 @@ def main(argv=None):
     train_ids, val_ids = data.load_tokens(
         config.data, os.path.expanduser(config.cache_dir),
         val_fraction=config.val_fraction, data_dir=config.data_dir,
-        manual_dir=config.manual_dir,
+        manual_dir=config.manual_dir, tokenizer_name=config.tokenizer,
     )
     print(f"{len(train_ids):,} training and {len(val_ids):,} validation "
           f"tokens; {strategy.num_replicas_in_sync} replica(s)")
 
     with strategy.scope():
-        model = gpt2.build(config.model, block_size=config.block_size)
+        model = gpt2.build(
+            config.model, block_size=config.block_size,
+            vocabulary_size=tokenizer.VOCAB_SIZES[config.tokenizer])
         optimizer = make_optimizer(config)
-        # Decay matrices only: no biases, layer-norm scales or offsets.
         optimizer.exclude_from_weight_decay(
-            var_list=[v for v in model.trainable_variables
-                      if len(v.shape) < 2]
-        )
+            var_list=no_decay(model.trainable_variables))
         if config.grad_clip > 0:
             clipping.track_global_clipping(optimizer, config.grad_clip)
         model.compile(

@@ -1,4 +1,9 @@
-"""The GPT-2 byte-level BPE (50,257 tokens), byte-exact with OpenAI's.
+"""Tokenizers: GPT-2's byte-level BPE (50,257 tokens), byte-exact with
+OpenAI's, and plain UTF-8 bytes (256 tokens).
+
+The byte tokenizer is the small-scale choice, as nanoGPT's character-level
+Shakespeare is: a 256-row embedding instead of a 50,257-row one makes a
+model small enough to train for thousands of steps on a CPU.
 
 tiktoken is OpenAI's own encoder and is fast; it normally downloads its
 `gpt2` files. Offline we build the same encoding from the `encoder.json` and
@@ -8,6 +13,7 @@ against the sha256 sums tiktoken pins for those files.
 
 import functools
 import importlib.resources
+import os
 
 import tiktoken
 from tiktoken import load as tiktoken_load
@@ -16,6 +22,20 @@ from tiktoken_ext import openai_public
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
 VOCAB_SIZE = 50257
+# For each tokenizer: its vocabulary size and the id that ends a document.
+# Byte 0 (NUL) stands for the end of a document in the byte stream: text
+# files do not hold it.
+VOCAB_SIZES = {"gpt2": VOCAB_SIZE, "bytes": 256}
+END_OF_TEXT_IDS = {"gpt2": END_OF_TEXT_ID, "bytes": 0}
+
+
+def encode_batch(name, texts):
+    """Token ids of each of `texts` (a list of str) by the tokenizer
+    `name` ("gpt2" or "bytes"), as lists of ints."""
+    if name == "bytes":
+        return [list(text.encode("utf-8")) for text in texts]
+    return gpt2_encoding().encode_ordinary_batch(
+        texts, num_threads=os.cpu_count() or 1)
 
 # sha256 of OpenAI's gpt-2 `vocab.bpe` and `encoder.json` (as pinned by
 # tiktoken's own gpt2 definition).
