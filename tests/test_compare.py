@@ -1,5 +1,6 @@
-"""The optimizer comparison: the crossing arithmetic, and --quick end to
-end (every field, finite losses, both plots, reuse after a rerun)."""
+"""The optimizer comparison: the protocol's decisions (sweeps, edges,
+seeds, budgets), the speedup and crossing arithmetic, and --quick end to
+end (every field, finite losses, the plots, reuse after a rerun)."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import matplotlib.image
 import pytest
 
 from train import compare
+from train import compare_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -16,64 +18,187 @@ def test_first_reach_interpolates_between_evaluations():
     curve = [(10, 6.0), (20, 5.0), (30, 4.0)]
     # 4.5 lies between 5.0 (step 20) and 4.0 (step 30), halfway:
     # 20 + 10 * (5.0 - 4.5) / (5.0 - 4.0) = 25.
-    assert compare.first_reach(curve, 4.5) == pytest.approx(25.0)
+    assert compare_report.first_reach(curve, 4.5) == pytest.approx(25.0)
     # 5.75 between 6.0 and 5.0: 10 + 10 * 0.25 / 1.0 = 12.5.
-    assert compare.first_reach(curve, 5.75) == pytest.approx(12.5)
+    assert compare_report.first_reach(curve, 5.75) == pytest.approx(12.5)
     # Exactly on an evaluation: that step.
-    assert compare.first_reach(curve, 5.0) == pytest.approx(20.0)
+    assert compare_report.first_reach(curve, 5.0) == pytest.approx(20.0)
     # Already below at the first evaluation: its step, nothing earlier.
-    assert compare.first_reach(curve, 7.0) == 10
+    assert compare_report.first_reach(curve, 7.0) == 10
     # Below the last point: not reached, not extrapolated to step 35.
-    assert compare.first_reach(curve, 3.5) is None
-    # A diverged run never reaches.
-    assert compare.first_reach([(10, 6.0), (20, math.nan)], 5.0) is None
+    assert compare_report.first_reach(curve, 3.5) is None
+    # A diverged run (NaN, stored as None) never reaches.
+    assert compare_report.first_reach([(10, 6.0), (20, None)], 5.0) is None
 
 
-@pytest.mark.large  # ~85 s: five short pretraining runs, then a rerun
+BUDGETS = [(0.5, 2.0), (0.75, 1.8), (1.0, 1.7), (1.5, 1.6), (2.0, 1.5)]
+
+
+def test_speedup_interpolates_in_log_budget():
+    # On a budget: that budget.
+    assert compare_report.speedup(1.7, BUDGETS) == pytest.approx(1.0)
+    assert compare_report.speedup(1.5, BUDGETS) == pytest.approx(2.0)
+    # Halfway in loss between 1x (1.7) and 1.5x (1.6): halfway in
+    # log(budget), exp((log 1 + log 1.5) / 2) = sqrt(1.5).
+    assert compare_report.speedup(1.65, BUDGETS) == pytest.approx(
+        math.sqrt(1.5))
+    # Worse than AdamW's own budget: below 1, here sqrt(0.5 * 0.75).
+    assert compare_report.speedup(1.9, BUDGETS) == pytest.approx(
+        math.sqrt(0.375))
+    # Outside the budgets measured: said, never extrapolated.
+    assert compare_report.speedup(2.1, BUDGETS) == "not reached"
+    assert compare_report.speedup(None, BUDGETS) == "not reached"
+    assert compare_report.speedup(1.4, BUDGETS) == "above 2x"
+
+
+def test_speedup_takes_the_first_crossing_of_a_noisy_curve():
+    # 1.5x came out worse than 1x (noise): the first budget at or below
+    # the target decides. 1.65 lies between 0.75x (1.8) and 1x (1.6):
+    # t = 0.15 / 0.2 = 0.75 of the way in log(budget).
+    noisy = [(0.5, 2.0), (0.75, 1.8), (1.0, 1.6), (1.5, 1.7), (2.0, 1.5)]
+    expected = math.exp(math.log(0.75) + 0.75 * (math.log(1.0)
+                                                 - math.log(0.75)))
+    assert compare_report.speedup(1.65, noisy) == pytest.approx(expected)
+
+
+def _drive(generator, loss):
+    """Runs a protocol generator with `loss(setting)` as each run's final
+    loss; returns (every setting asked for, in order; the result)."""
+    asked, response = [], None
+    while True:
+        try:
+            request = generator.send(response)
+        except StopIteration as stop:
+            return asked, stop.value
+        asked += request
+        response = [dict(vars(s), setting=s, final_val_loss=loss(s))
+                    for s in request]
+
+
+def _bowl(best_lr, best_rho=None):
+    # A loss whose minimum over the grid is the lr (and rho) nearest the
+    # given ones, in log space.
+    def loss(setting):
+        value = abs(math.log2(setting.lr / best_lr))
+        if best_rho is not None:
+            value += abs(math.log2(setting.rho / best_rho))
+        return value
+    return loss
+
+
+@pytest.mark.parametrize("best_lr, extra", [
+    # Interior optimum: the grid alone.
+    (6e-3, []),
+    # One step past the top: 4.8e-2 wins, 9.6e-2 loses, and it stops.
+    (4.8e-2, [4.8e-2, 9.6e-2]),
+    # Far past the top: MAX_EXTENSIONS (3) extra runs and no more.
+    (10.0, [4.8e-2, 9.6e-2, 0.192]),
+    # Below the bottom: downwards, halving.
+    (7e-4, [7.5e-4, 3.75e-4]),
+])
+def test_lr_sweep_extends_past_an_edge(best_lr, extra):
+    asked, result = _drive(
+        compare.tune("adamw", compare.LRS["adamw"], compare.RHOS, 1, 3, 100),
+        _bowl(best_lr))
+    tuning = [s.lr for s in asked if s.steps is None]
+    assert tuning == list(compare.LRS["adamw"]) + extra
+    # The winner is the tried lr nearest best_lr.
+    assert result["best"]["lr"] == min(
+        tuning, key=lambda lr: abs(math.log2(lr / best_lr)))
+
+
+def test_adamw_gets_seeds_and_budgets_of_its_best_setting():
+    asked, result = _drive(
+        compare.tune("adamw", compare.LRS["adamw"], compare.RHOS, 3, 3,
+                     2000), _bowl(6e-3))
+    again = [s for s in asked if s.seed]
+    assert [(s.lr, s.seed) for s in again] == [(6e-3, 1), (6e-3, 2)]
+    budgets = [s for s in asked if s.steps]
+    # 0.5x, 0.75x, 1.5x and 2x of 2,000 steps, all at the best lr, seed 0.
+    assert [s.steps for s in budgets] == [1000, 1500, 3000, 4000]
+    assert {(s.lr, s.seed) for s in budgets} == {(6e-3, 0)}
+    assert len(result["seeds"]) == 3 and len(result["budgets"]) == 4
+
+
+def test_sophia_sweeps_lr_then_rho_then_lr_again():
+    # Best at lr 2.5e-4, rho 0.2: the lr sweep at rho 0.05 finds 2.5e-4;
+    # the rho sweep there finds 0.2 (an edge: 0.8 is tried and loses);
+    # then lr's neighbours at rho 0.2 (1.25e-4 and 5e-4) both lose.
+    asked, result = _drive(
+        compare.tune("sophia-g", compare.LRS["sophia-g"], compare.RHOS, 2,
+                     3, 100), _bowl(2.5e-4, 0.2))
+    tuning = [(s.lr, s.rho) for s in asked if not s.seed]
+    assert tuning == (
+        [(lr, 0.05) for lr in compare.LRS["sophia-g"]]
+        + [(2.5e-4, 0.0125), (2.5e-4, 0.2), (2.5e-4, 0.8)]
+        + [(1.25e-4, 0.2), (5e-4, 0.2)])
+    assert (result["best"]["lr"], result["best"]["rho"]) == (2.5e-4, 0.2)
+    # Seeds of the winner; no budgets for Sophia.
+    assert [(s.lr, s.rho, s.seed) for s in asked if s.seed] == [
+        (2.5e-4, 0.2, 1)]
+    assert result["budgets"] == []
+
+
+def test_sophia_keeps_its_lr_when_the_first_rho_wins():
+    asked, result = _drive(
+        compare.tune("sophia-h", compare.LRS["sophia-h"], compare.RHOS, 1,
+                     3, 100), _bowl(5e-4, 0.05))
+    assert len(asked) == 5 + 2  # the lr grid, then two other rhos
+    assert (result["best"]["lr"], result["best"]["rho"]) == (5e-4, 0.05)
+
+
+def test_bad_arguments_exit_with_status_2(capsys):
+    for argv in (["--steps", "30"], ["--seeds", "0"], ["--jobs", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            compare.parse_args(argv)
+        assert exit_.value.code == 2
+        assert "--" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.large  # ~8 min: 20 short runs in subprocesses, then a rerun
 def test_quick_comparison_end_to_end(tmp_path, tmp_path_factory, capsys):
     cache = str(tmp_path_factory.mktemp("cache"))
-    argv = ["--quick", "--out", str(tmp_path), "--cache-dir", cache]
+    argv = ["--quick", "--out", str(tmp_path), "--cache-dir", cache,
+            "--seeds", "2"]
     report = compare.main(argv)
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert {"steps_ratio_sophia_vs_adamw", "best", "runs", "settings",
-            "machine"} <= set(saved)
-    assert set(saved["best"]) == {"sophia-g", "sophia-h", "adamw", "lion"}
-    # One lr each, and Sophia-G's second rho at that lr: 5 runs.
-    assert len(saved["runs"]) == 5
-    assert all(math.isfinite(run["final_val_loss"]) for run in saved["runs"])
+    assert {"speedup_vs_adamw", "steps_ratio_vs_adamw", "adamw_budgets",
+            "best", "grid", "settings", "machine"} <= set(saved)
+    sophias = {"sophia-g", "sophia-h", "sophia-g-half"}
+    assert set(saved["best"]) == sophias | {"adamw", "lion"}
+    assert set(saved["speedup_vs_adamw"]) == sophias
+    for value in saved["speedup_vs_adamw"].values():
+        assert value in ("not reached", "above 2x") or 0.5 <= value <= 2.0
+    assert [b["steps"] for b in saved["adamw_budgets"]] == [4, 6, 8, 12, 16]
+    assert all(math.isfinite(run["final_val_loss"]) for run in saved["grid"])
     for name, best in saved["best"].items():
-        steps = [step for step, _, _ in best["curve"]]
-        times = [time for _, time, _ in best["curve"]]
-        assert steps == [4, 8], name
-        assert 0 < times[0] <= times[1], name
-        assert best["curve"][-1][2] == best["final_val_loss"]
+        assert len(best["final_val_loss_by_seed"]) == 2, name
+        # Another seed is another run (data order, initialisation).
+        assert len(set(best["final_val_loss_by_seed"])) == 2, name
+        steps = [point[0] for point in best["curve"]]
+        assert steps == [2, 4, 6, 8], name
+        assert (name in sophias) == all(
+            0 <= w <= 1 for w in best["final_win_rate_by_seed"])
     table = (tmp_path / "compare.md").read_text()
-    ratios = saved["steps_ratio_sophia_vs_adamw"]
-    assert set(ratios) == {"sophia-g", "sophia-h"}
-    for name, ratio in ratios.items():
-        if ratio is None:
-            row = next(x for x in table.splitlines() if f"| {name} |" in x)
-            assert "not reached" in row
-        else:
-            assert math.isfinite(ratio) and ratio > 0
-    for name in ("val_loss_vs_steps.png", "val_loss_vs_time.png"):
-        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
-        # Decodes as a 700 x 450 RGBA image (7 x 4.5 inches at 100 dpi).
-        assert matplotlib.image.imread(tmp_path / name).shape == (
-            450, 700, 4), name
-    # Fair: the runs differ only in their optimizer settings.
+    assert "| sophia-g-half |" in table and "| 2x | 16 |" in table
+    for name in ("val_loss_vs_steps.png", "val_loss_vs_time.png",
+                 "adamw_budgets.png", "sophia_diagnostics.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE, name
+        assert matplotlib.image.imread(tmp_path / name).ndim == 3, name
+    # Fair: the runs differ only in their optimizer settings, seed and
+    # budget (with its warmup).
     configs = [json.loads(p.read_text())
                for p in tmp_path.glob("runs/*/config.json")]
-    own = {"optimizer", "lr", "min_lr", "rho", "weight_decay", "out"}
-    assert len(configs) == 5
+    own = {"optimizer", "lr", "min_lr", "rho", "weight_decay", "out", "seed",
+           "steps", "warmup", "hessian_batch_fraction"}
+    assert len(configs) == len(saved["grid"])
     assert all({k: v for k, v in c.items() if k not in own}
                == {k: v for k, v in configs[0].items() if k not in own}
                for c in configs)
-    assert all(c["min_lr"] == pytest.approx(c["lr"] / 20) for c in configs)
-
     # The same command again trains nothing: every run is reused.
     capsys.readouterr()
     again = compare.main(argv)
-    assert capsys.readouterr().out.count("finished before: reused") == 5
+    assert capsys.readouterr().out.count("finished before: reused") == len(
+        configs)
     assert again["best"] == report["best"]

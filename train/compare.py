@@ -1,317 +1,361 @@
-"""Sophia-G and Sophia-H against AdamW and Lion, on equal terms (the
-paper's Figure 1 at CPU scale).
+"""Is Sophia worth it? Sophia-G, Sophia-H and Sophia-G on half the batch
+against a tuned AdamW and Lion, under one protocol fixed before any result.
 
-    python -m train.compare            # about 55 min on 2 CPU cores
-    python -m train.compare --quick    # smoke test, 1-2 min
+    python -m train.compare                  # byte-s on austen, ~90 min
+    python -m train.compare --model byte-m   # the larger byte-level size
+    python -m train.compare --data text:DIR --out runs/other
+    python -m train.compare --quick          # smoke test, a few minutes
 
-Every run is `train.pretrain` with the same data (the embedded corpus),
-model, batch, block, steps, warmup and cosine shape (`min_lr = lr / 20`),
-evaluation and seed. Each optimizer gets a small learning-rate sweep, and
-Sophia then a `rho` sweep at its best lr; the setting with the lowest
-final validation loss is the one compared. `--out` (default `runs/compare`,
-or `runs/compare-quick`) gets one run directory per setting in `runs/`,
-`compare.json`, `compare.md`, `val_loss_vs_steps.png` and
-`val_loss_vs_time.png`. A finished run is reused, so the same command
-after a kill continues the comparison.
+The protocol (BENCHMARKS.md says it in prose):
 
-Full mode: the `tiny` model, 140 steps of 16 x 64 tokens, 16 runs.
-Measured on an idle 2-core machine at 150 steps with 10 evaluations: an
-AdamW run took 220 s (145 s of it training, 0.93 s a step), a Sophia-H
-run 221 s (170 s training, 0.99 s a step, tracing 20 s longer). At 140
-steps and 7 evaluations that makes 185-215 s a run and about 55 min for
-the 16 (projected; the full mode has not been run to the end).
+* Every run is `train.pretrain` with the same data, data order, model,
+  batch, block, steps (2,000 by default: 200 Hessian refreshes at k = 10),
+  and schedule shape: linear warmup over the first 10% of the steps, then
+  cosine decay to lr / 20 at the last step. Runs are ranked on their final
+  validation loss over the whole validation split, never on an earlier
+  point of their curve.
+* Each contender gets a learning-rate grid of five values a factor of 2
+  apart; while its best value is the largest or smallest tried, the grid
+  goes on past that edge (at most `MAX_EXTENSIONS` runs a sweep). Sophia
+  runs the lr sweep at rho 0.05 (the paper's GPT-2 small value), then a
+  rho sweep (three values a factor of 4 apart, extended the same way) at
+  the best lr, then, if another rho won, the lr's neighbours at that rho.
+* The best setting of each contender is trained again with seeds 1 to
+  `--seeds` - 1 (data order, initialisation, estimator draws).
+* AdamW's best setting is also trained for 0.5x, 0.75x, 1.5x and 2x the
+  steps, each with its own full schedule. The AdamW budget whose final
+  loss matches a Sophia variant's mean final loss, interpolated in
+  log(budget), is `speedup_vs_adamw` (the paper claims 2.0; below 1.0
+  Sophia is worse; "not reached" below 0.5x, "above 2x" beyond 2x).
+
+Runs go `--jobs` at a time in separate processes (default 2, one core
+each: on tiny models two one-thread runs get more done than one two-thread
+run, and tracing is single-threaded). A finished run is reused and a
+killed one resumes from its checkpoint, so the same command after a crash
+goes on where it stopped. `--out` (default `runs/compare`) gets `runs/`,
+`compare.json`, `compare.md` and the plots (see `train/compare_report.py`).
 """
 
 import argparse
-import contextlib
+import concurrent.futures
 import dataclasses
 import json
 import math
 import os
 import pathlib
-import platform
+import subprocess
+import sys
+import threading
 import time
 
-import keras
-import tensorflow as tf
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from train import configs
+from train import compare_report
+from train import data
 from train import pretrain
 
-OPTIMIZERS = ("sophia-g", "sophia-h", "adamw", "lion")
-
-# Settings every run shares. 140 steps of 1,024 tokens are 0.58 of an
-# epoch of the corpus; warmup is the first 10%; 7 evaluations a curve. Every run is validated on
-# the same 6 batches (6,144 tokens, half the validation split: all of it
-# would double the time spent validating).
-FULL = {
-    "data": "austen", "model": "tiny", "steps": 140, "batch_size": 16,
-    "block_size": 64, "warmup": 14, "eval_interval": 20, "eval_steps": 6,
-    "log_interval": 20, "hessian_interval": 10, "seed": 0,
+# name: the pretrain flags that make the contender.
+CONTENDERS = {
+    "sophia-g": {"optimizer": "sophia-g"},
+    "sophia-h": {"optimizer": "sophia-h"},
+    # The paper's setting: h estimated on half of each batch.
+    "sophia-g-half": {"optimizer": "sophia-g", "hessian_batch_fraction": 0.5},
+    "adamw": {"optimizer": "adamw"},
+    "lion": {"optimizer": "lion"},
 }
-QUICK = {
-    **FULL, "steps": 8, "batch_size": 4, "block_size": 32, "warmup": 2,
-    "eval_interval": 4, "eval_steps": 2, "log_interval": 4,
-    "hessian_interval": 4,
-}
+SOPHIAS = ("sophia-g", "sophia-h", "sophia-g-half")
 
-# Learning rates, three each (what fits the hour), factors of 2 apart.
-# AdamW: around the pretrain default, 2e-3. Lion: 1.7-6.7x lower, as its
-# authors advise 3-10x lower than AdamW. Sophia: its update is clipped to
-# lr per coordinate, and in runs this short h is a small part of what its
-# EMA (beta_2 0.99, no bias correction, 14 refreshes) converges to, so
-# 96-99% of coordinates are clipped (win rate measured 1-4%): Sophia moves
-# like sign momentum and wants a Lion-like lr. Measured over 150 steps
-# (val loss, whole validation split): AdamW 2e-3 5.79; Sophia-G 2e-3
-# 6.07, 1e-3 5.97; beta_2 0.9 instead of 0.99 only gave 6.03 at 2e-3.
+# Learning-rate grids, five values a factor of 2 apart, centred where a
+# first look at the byte-level model put each optimizer (issue #14):
+# AdamW near 6e-3; Lion 3-10x below AdamW, as its authors advise; Sophia,
+# whose clipped steps move a coordinate by lr like Lion's sign steps, in
+# Lion's range and below.
 LRS = {
-    "sophia-g": (5e-4, 1e-3, 2e-3),
-    "sophia-h": (5e-4, 1e-3, 2e-3),
-    "adamw": (1e-3, 2e-3, 4e-3),
-    "lion": (3e-4, 6e-4, 1.2e-3),
+    "sophia-g": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
+    "sophia-h": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
+    "sophia-g-half": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3),
+    "adamw": (1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2),
+    "lion": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
 }
-# Sophia's rho: the lr sweep runs at the first value (the paper's: 0.05
-# for Sophia-G, 0.01 for Sophia-H), then the others at the best lr. Both
-# go up, 4x and 16x: a larger rho clips fewer coordinates, and the win
-# rates above are far below the 10-50% the Sophia authors aim for.
-RHOS = {"sophia-g": (0.05, 0.2, 0.8), "sophia-h": (0.01, 0.04, 0.16)}
-# --quick: one setting each, plus a second rho for Sophia-G so that the
-# rho sweep runs too (each run is mostly tracing: 10-20 s).
-QUICK_LRS = {"sophia-g": (2e-3,), "sophia-h": (2e-3,), "adamw": (2e-3,),
-             "lion": (4e-4,)}
-QUICK_RHOS = {"sophia-g": (0.05, 0.2), "sophia-h": (0.01,)}
-# The same min_lr / lr for everyone: one schedule shape.
+# rho: the lr sweep runs at the paper's GPT-2 small value, the rho sweep
+# at the best lr. Larger rho clips fewer coordinates.
+RHO_START = 0.05
+RHOS = (0.0125, 0.05, 0.2)
+MAX_EXTENSIONS = 3
+# Each optimizer's weight decay from the paper's runs: 0.2 Sophia, 0.1
+# AdamW, 1.0 Lion (whose lr is 3-10x smaller).
+WEIGHT_DECAY = {"sophia-g": 0.2, "sophia-h": 0.2, "sophia-g-half": 0.2,
+                "adamw": 0.1, "lion": 1.0}
 MIN_LR_FACTOR = 1 / 20
+WARMUP_FRACTION = 1 / 10
+# AdamW's budgets, in multiples of the step budget.
+BUDGETS = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+# The shared settings: blocks of 64, 16 a batch, a log line every 20 steps
+# (win rate and ||h|| over time), an evaluation every 1/20 of the steps
+# (so that every budget's step count is a whole number of evaluations).
+SHARED = {"batch_size": 16, "block_size": 64, "hessian_interval": 10,
+          "log_interval": 20, "jit": True}
+QUICK = {"batch_size": 4, "block_size": 16, "hessian_interval": 2,
+         "log_interval": 2, "jit": False}
+QUICK_LRS = {name: grid[2:3] for name, grid in LRS.items()}
+QUICK_RHOS = (0.05, 0.2)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny model and sweep, for a smoke test")
-    parser.add_argument("--out", help="default: runs/compare(-quick)")
-    parser.add_argument("--cache-dir", default=pretrain.Config.cache_dir,
-                        help="the token cache")
-    args = parser.parse_args(argv)
-    shared = dict(QUICK if args.quick else FULL, cache_dir=args.cache_dir)
-    lrs, rhos = (QUICK_LRS, QUICK_RHOS) if args.quick else (LRS, RHOS)
-    out = pathlib.Path(args.out or (
-        "runs/compare-quick" if args.quick else "runs/compare"))
-    total = sum(len(lrs[name]) + len(rhos.get(name, ())[1:])
-                for name in OPTIMIZERS)
-    runs, best = [], {}
-    for name in OPTIMIZERS:
-        rho = rhos[name][0] if name in rhos else None
-        tried = [_run(out, shared, name, lr, rho, runs, total)
-                 for lr in lrs[name]]
-        lr = _best(tried)["lr"]
-        tried += [_run(out, shared, name, lr, rho, runs, total)
-                  for rho in rhos.get(name, ())[1:]]
-        best[name] = _best(tried)
-    report = _report(shared, lrs, rhos, runs, best)
-    out.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: a diverged loss is stored as null, never as NaN.
-    (out / "compare.json").write_text(
-        json.dumps(report, indent=2, allow_nan=False))
-    table = _table(report)
-    (out / "compare.md").write_text(table)
-    _plot(best, report["adamw_best_val_loss"], shared, out)
-    print(table)
-    print(f"compare.json, compare.md and the plots are in {out}")
-    return report
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One run: a contender, its lr and rho, a seed and a step budget."""
+    contender: str
+    lr: float
+    rho: float = None
+    seed: int = 0
+    steps: int = None  # None: the comparison's budget
+
+    def label(self):
+        return (f"{self.contender}-lr{self.lr:g}"
+                + (f"-rho{self.rho:g}" if self.rho is not None else "")
+                + (f"-seed{self.seed}" if self.seed else "")
+                + (f"-steps{self.steps}" if self.steps else ""))
 
 
-def _run(out, shared, name, lr, rho, runs, total):
-    """Trains one setting (or reuses its finished run); its summary."""
-    label = f"{name}-lr{lr:g}" + (f"-rho{rho:g}" if rho is not None else "")
-    folder = out / "runs" / label
-    # Each optimizer's weight decay from the paper's runs (train/configs.py):
-    # 0.2 Sophia, 0.1 AdamW, 1.0 Lion (whose lr is 3-10x smaller).
-    weight_decay = configs.CONFIGS[f"gpt2-small-{name}"]["weight_decay"]
-    flags = dict(shared, optimizer=name, lr=lr, min_lr=lr * MIN_LR_FACTOR,
-                 weight_decay=weight_decay, out=str(folder))
-    if rho is not None:
-        flags["rho"] = rho
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    config = dataclasses.asdict(pretrain.parse_config(argv))
-    saved = folder / "config.json"
-    finished = ((folder / "final.weights.h5").exists() and saved.exists()
-                and json.loads(saved.read_text()) == config)
-    print(f"run {len(runs) + 1}/{total}: {label}", flush=True)
-    started = time.perf_counter()
-    if not finished:
-        folder.mkdir(parents=True, exist_ok=True)
-        keras.backend.clear_session()
-        # Keras's progress bars go to the run's log, not the report.
-        with open(folder / "log.txt", "a") as log, \
-                contextlib.redirect_stdout(log):
-            pretrain.main(argv)
-    curve = read_val_curve(folder / "metrics.jsonl")
-    run = {"optimizer": name, "lr": lr, "rho": rho,
-           "weight_decay": weight_decay, "folder": str(folder),
-           "final_val_loss": _finite(curve[-1][2]),
-           "seconds_per_step": _seconds_per_step(curve), "curve": curve}
-    loss = run["final_val_loss"]
-    print(f"  final validation loss "
-          f"{'NaN (diverged)' if loss is None else f'{loss:.4f}'}"
-          + (" (finished before: reused)" if finished else
-             f" ({time.perf_counter() - started:.0f} s)"), flush=True)
-    runs.append(run)
-    return run
+def tune(contender, lrs, rhos, seeds, extensions, steps):
+    """The protocol for one contender, as a generator: it yields lists of
+    `Setting`s to train and receives their runs (dicts with
+    `final_val_loss`); it returns `{"best", "seeds", "budgets"}`."""
+    sophia = contender in SOPHIAS
+    rho = RHO_START if sophia else None
+    tried = yield from sweep(
+        "lr", lrs, lambda lr: Setting(contender, lr, rho), extensions)
+    best = best_run(tried)
+    if sophia:
+        tried += yield from sweep(
+            "rho", rhos, lambda r: Setting(contender, best["lr"], r),
+            extensions, known=[run for run in tried
+                               if run["lr"] == best["lr"]])
+        if best_run(tried)["rho"] != rho:
+            # lr and rho trade off (the unclipped step is lr m / (rho h)):
+            # the lr's neighbours again at the new rho.
+            best = best_run(tried)
+            lr = best["lr"]
+            tried += yield from sweep(
+                "lr", (lr / 2, lr, lr * 2),
+                lambda x: Setting(contender, x, best["rho"]), extensions,
+                known=[best])
+        best = best_run(tried)
+    setting = best["setting"]
+    again = yield [dataclasses.replace(setting, seed=seed)
+                   for seed in range(1, seeds)]
+    budgets = []
+    if contender == "adamw":
+        budgets = yield [dataclasses.replace(setting, steps=round(b * steps))
+                         for b in BUDGETS if b != 1.0]
+    return {"best": best, "seeds": [best] + again, "budgets": budgets}
 
 
-def read_val_curve(path):
-    """[[step, time, val_loss], ...] from a metrics.jsonl, by step. A step
-    logged twice (work redone after a resume) keeps its last line."""
-    lines = map(json.loads, pathlib.Path(path).read_text().splitlines())
-    points = {x["step"]: [x["step"], x["time"], x["val_loss"]]
-              for x in lines if "val_loss" in x}
-    return [points[step] for step in sorted(points)]
+def sweep(key, grid, make, extensions, known=()):
+    """Trains `make(value)` for every value of the geometric `grid` (of the
+    setting `key`) not among the runs `known`; then, while the best run's
+    value is the largest or smallest tried, one grid ratio beyond it, at
+    most `extensions` times. Returns the runs it trained."""
+    done = {run[key] for run in known}
+    new = yield [make(value) for value in grid if value not in done]
+    ratio = grid[1] / grid[0] if len(grid) > 1 else None
+    for _ in range(extensions if ratio else 0):
+        tried = list(known) + new
+        values = sorted(run[key] for run in tried)
+        best = best_run(tried)[key]
+        if best not in (values[0], values[-1]):
+            break
+        step = ratio if best == values[-1] else 1 / ratio
+        # Rounded, so that 1e-3 * 2 is 0.002 in labels and configs.
+        new += yield [make(float(f"{best * step:.6g}"))]
+    return new
 
 
-def first_reach(curve, target):
-    """The first x at which `loss <= target`, for a curve of (x, loss)
-    points; None if it never gets there.
-
-    Validation runs only every `eval_interval` steps, so the crossing is
-    interpolated linearly between the two evaluations that bracket it. If
-    the first evaluation is already at or below `target`, its x is
-    returned (the loss before it was not measured). No extrapolation past
-    the last point: a run that has not reached `target` has not."""
-    previous = None
-    for x, loss in curve:
-        if loss <= target:  # False for NaN: a diverged run never reaches
-            if previous is None or not math.isfinite(previous[1]):
-                return x
-            x0, loss0 = previous
-            return x0 + (x - x0) * (loss0 - target) / (loss0 - loss)
-        previous = x, loss
-    return None
-
-
-def _best(tried):
+def best_run(runs):
     # A diverged run (NaN, stored as None) counts as the worst.
-    return min(tried, key=lambda run: math.inf
+    return min(runs, key=lambda run: math.inf
                if run["final_val_loss"] is None else run["final_val_loss"])
 
 
-def _seconds_per_step(curve):
-    # From the first evaluation on: the first interval includes tracing.
-    (step0, time0, _), (step1, time1, _) = curve[0], curve[-1]
-    return (time1 - time0) / (step1 - step0) if step1 > step0 else None
+class Runner:
+    """Trains settings in `jobs` parallel processes; each setting once."""
+
+    def __init__(self, out, shared, jobs):
+        self.out, self.shared, self.jobs = out, shared, jobs
+        self.pool = concurrent.futures.ThreadPoolExecutor(jobs)
+        self.futures, self.lock = {}, threading.Lock()
+        self.finished, self.trained_seconds = 0, 0.0
+        self.started = time.monotonic()
+
+    def submit(self, setting):
+        with self.lock:
+            if setting not in self.futures:
+                self.futures[setting] = self.pool.submit(self._run, setting)
+            return self.futures[setting]
+
+    def flags(self, setting):
+        flags = dict(
+            self.shared, **CONTENDERS[setting.contender], lr=setting.lr,
+            min_lr=setting.lr * MIN_LR_FACTOR, seed=setting.seed,
+            weight_decay=WEIGHT_DECAY[setting.contender],
+            out=str(self.out / "runs" / setting.label()))
+        steps = setting.steps or flags["steps"]
+        flags.update(steps=steps, warmup=round(steps * WARMUP_FRACTION))
+        if setting.rho is not None:
+            flags["rho"] = setting.rho
+        return [f"--{k.replace('_', '-')}" if v is True
+                else f"--{k.replace('_', '-')}={v}"
+                for k, v in flags.items() if v is not False]
+
+    def _run(self, setting):
+        argv = self.flags(setting)
+        config = pretrain.parse_config(argv)
+        folder = pathlib.Path(config.out)
+        saved = folder / "config.json"
+        reused = ((folder / "final.weights.h5").exists() and saved.exists()
+                  and json.loads(saved.read_text())
+                  == dataclasses.asdict(config))
+        began = time.monotonic()
+        if not reused:
+            folder.mkdir(parents=True, exist_ok=True)
+            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            env = dict(os.environ, TF_NUM_INTRAOP_THREADS=threads,
+                       TF_NUM_INTEROP_THREADS=threads, TF_CPP_MIN_LOG_LEVEL="2")
+            with open(folder / "log.txt", "a") as log:
+                done = subprocess.run(
+                    [sys.executable, "-m", "train.pretrain", *argv],
+                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            if done.returncode:
+                raise RuntimeError(
+                    f"run {setting.label()} failed (exit status "
+                    f"{done.returncode}); its log: {folder / 'log.txt'}")
+        run = dict(dataclasses.asdict(setting), setting=setting,
+                   steps=config.steps, folder=str(folder),
+                   **compare_report.read_run(folder / "metrics.jsonl"))
+        with self.lock:
+            self.finished += 1
+            if not reused:
+                self.trained_seconds += time.monotonic() - began
+            loss = run["final_val_loss"]
+            print(f"[{self.finished} done, {len(self.futures) - self.finished}"
+                  f" queued, {(time.monotonic() - self.started) / 60:.0f} min]"
+                  f" {setting.label()}: final validation loss "
+                  + ("NaN (diverged)" if loss is None else f"{loss:.4f}")
+                  + (" (finished before: reused)" if reused else
+                     f" ({time.monotonic() - began:.0f} s)"), flush=True)
+        return run
 
 
-def _finite(x):
-    return x if math.isfinite(x) else None
+def drive(protocols, runner):
+    """Advances every contender's protocol as its runs finish; returns
+    each protocol's result."""
+    results, waiting = {}, {}
+
+    def advance(name, response):
+        try:
+            request = protocols[name].send(response)
+        except StopIteration as stop:
+            results[name] = stop.value
+            return
+        waiting[name] = [runner.submit(setting) for setting in request]
+
+    for name in protocols:
+        advance(name, None)
+    while waiting:
+        concurrent.futures.wait(
+            [f for futures in waiting.values() for f in futures],
+            return_when=concurrent.futures.FIRST_COMPLETED)
+        for name, futures in list(waiting.items()):
+            if all(f.done() for f in futures):
+                del waiting[name]
+                advance(name, [f.result() for f in futures])
+    return results
 
 
-def _report(shared, lrs, rhos, runs, best):
-    target = best["adamw"]["final_val_loss"]
-    steps, adamw_time = shared["steps"], best["adamw"]["curve"][-1][1]
-    summary = {}
-    for name, run in best.items():
-        reached = None if target is None else first_reach(
-            [(step, loss) for step, _, loss in run["curve"]], target)
-        seconds = None if target is None else first_reach(
-            [(time_, loss) for _, time_, loss in run["curve"]], target)
-        summary[name] = dict(
-            {k: v for k, v in run.items() if k != "curve"},
-            steps_ratio_vs_adamw=None if reached is None
-            else reached / steps,
-            time_ratio_vs_adamw=None if seconds is None
-            else seconds / adamw_time,
-            curve=[[step, time_, _finite(loss)]
-                   for step, time_, loss in run["curve"]],
-        )
-    sophias = ("sophia-g", "sophia-h")
-    return {
-        "steps_ratio_sophia_vs_adamw": {
-            name: summary[name]["steps_ratio_vs_adamw"] for name in sophias},
-        "time_ratio_sophia_vs_adamw": {
-            name: summary[name]["time_ratio_vs_adamw"] for name in sophias},
-        "adamw_best_val_loss": target,
-        "best": summary,
-        "runs": [{k: v for k, v in run.items() if k != "curve"}
-                 for run in runs],
-        "settings": dict(shared, lrs=lrs, rhos=rhos,
-                         min_lr_factor=MIN_LR_FACTOR),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-        },
-    }
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="austen",
+                        help="any source train.pretrain reads: austen, "
+                             "openwebtext or text:PATH")
+    parser.add_argument("--model", default="byte-s",
+                        help="a size in models.gpt2.SIZES; byte-* sizes "
+                             "read UTF-8 bytes, the others GPT-2's BPE")
+    parser.add_argument("--steps", type=int,
+                        help="the step budget of every run, a multiple of "
+                             "20 (of 4 with --quick); default 2000 (8 with "
+                             "--quick)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds of each contender's best setting")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs trained at once, each in its own process")
+    parser.add_argument("--out", help="default: runs/compare(-quick)")
+    parser.add_argument("--cache-dir", default=pretrain.Config.cache_dir,
+                        help="the token cache")
+    parser.add_argument("--quick", action="store_true",
+                        help="one lr each, tiny batches and 8 steps: checks "
+                             "that the program runs, not the answer")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 8 if args.quick else 2000
+    for name in ("steps", "seeds", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer; got "
+                         f"{getattr(args, name)}")
+    evaluations = _evaluations(args.quick)
+    if args.steps % evaluations:
+        parser.error(f"--steps must be a multiple of {evaluations}, so that"
+                     " every AdamW budget is a whole number of evaluation "
+                     f"intervals; got {args.steps}")
+    return args
 
 
-def _table(report):
-    def ratio(x):
-        return "not reached" if x is None else f"{x:.2f}"
-
-    def number(x, spec):
-        return "NaN" if x is None else format(x, spec)
-
-    def setting(value, grid):
-        # A best value at the edge of its grid may not be the optimum.
-        if value is None:
-            return ""
-        edge = len(grid) > 1 and value in (min(grid), max(grid))
-        return f"{value:g}" + (" (edge)" if edge else "")
-
-    settings = report["settings"]
-    rows = [
-        ("| optimizer | best lr | best rho | final val loss | steps ratio "
-         "vs AdamW | time ratio vs AdamW | s/step |"),
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, run in report["best"].items():
-        rows.append(
-            f"| {name} | {setting(run['lr'], settings['lrs'][name])} | "
-            f"{setting(run['rho'], settings['rhos'].get(name, ()))} | "
-            f"{number(run['final_val_loss'], '.4f')} | "
-            f"{ratio(run['steps_ratio_vs_adamw'])} | "
-            f"{ratio(run['time_ratio_vs_adamw'])} | "
-            f"{number(run['seconds_per_step'], '.2f')} |")
-    rows += [
-        "",
-        ("steps ratio: steps to reach AdamW's best final validation loss "
-         "(interpolated between evaluations) / AdamW's steps; the paper "
-         "claims 0.5 for Sophia. time ratio: the same in training seconds. "
-         "s/step: training seconds per step after the first evaluation. "
-         "(edge): the best value is at the edge of its grid."),
-    ]
-    return "\n".join(rows) + "\n"
+def _evaluations(quick):
+    # Evaluations a run: every 1/20 of the steps (1/4 with --quick), so
+    # that 0.5x, 0.75x, 1.5x and 2x the steps are whole intervals too.
+    return 4 if quick else 20
 
 
-def _plot(best, target, shared, out):
-    for column, xlabel, name in (
-        (0, "step", "val_loss_vs_steps.png"),
-        (1, "training time (s, validation excluded)", "val_loss_vs_time.png"),
-    ):
-        # matplotlib's object API on an Agg canvas: no pyplot, no global
-        # backend to set.
-        figure = Figure(figsize=(7, 4.5))
-        FigureCanvasAgg(figure)
-        axes = figure.subplots()
-        for optimizer, run in best.items():
-            rho = "" if run["rho"] is None else f", rho={run['rho']:g}"
-            axes.plot([point[column] for point in run["curve"]],
-                      [point[2] for point in run["curve"]], marker=".",
-                      label=f"{optimizer} (lr={run['lr']:g}{rho})")
-        if target is not None:
-            axes.axhline(target, color="gray", linestyle="--",
-                         label="AdamW's best final")
-        axes.set_xlabel(xlabel)
-        axes.set_ylabel("validation loss")
-        axes.set_title(
-            f"GPT-2 {shared['model']}, {shared['steps']} steps of "
-            f"{shared['batch_size']} x {shared['block_size']} tokens: "
-            "each optimizer's best setting")
-        axes.legend()
-        figure.savefig(out / name, dpi=100)
+def main(argv=None):
+    args = parse_args(argv)
+    out = pathlib.Path(args.out or (
+        "runs/compare-quick" if args.quick else "runs/compare"))
+    tokenizer = "bytes" if args.model.startswith("byte") else "gpt2"
+    shared = dict(QUICK if args.quick else SHARED, data=args.data,
+                  model=args.model, tokenizer=tokenizer, steps=args.steps,
+                  cache_dir=args.cache_dir)
+    shared["eval_interval"] = args.steps // _evaluations(args.quick)
+    pretrain.parse_config(  # every pretrain flag checked before any run
+        [f"--{k.replace('_', '-')}={v}" for k, v in shared.items()
+         if not isinstance(v, bool)])
+    # Every evaluation reads the whole validation split.
+    _, val_ids = data.load_tokens(args.data, os.path.expanduser(
+        args.cache_dir), tokenizer_name=tokenizer)
+    windows = len(val_ids) // (shared["block_size"] + 1)
+    shared["eval_steps"] = windows // shared["batch_size"]
+    lrs, rhos = (QUICK_LRS, QUICK_RHOS) if args.quick else (LRS, RHOS)
+    extensions = 0 if args.quick else MAX_EXTENSIONS
+    print(f"{len(CONTENDERS)} contenders; at least "
+          f"{sum(len(g) for g in lrs.values()) + 2 * len(SOPHIAS)} tuning "
+          f"runs, {len(CONTENDERS) * (args.seeds - 1)} seed runs and "
+          f"{len(BUDGETS) - 1} AdamW budget runs, {args.jobs} at a time; "
+          f"results in {out}", flush=True)
+    load = os.getloadavg()
+    started = time.monotonic()
+    runner = Runner(out, shared, args.jobs)
+    protocols = {name: tune(name, lrs[name], rhos, args.seeds, extensions,
+                            args.steps) for name in CONTENDERS}
+    results = drive(protocols, runner)
+    runner.pool.shutdown()
+    runs = [future.result() for future in runner.futures.values()]
+    report = compare_report.report(
+        results, runs, runner.flags, dict(shared, lrs=lrs, rhos=rhos, seeds=args.seeds,
+                              budgets=BUDGETS, min_lr_factor=MIN_LR_FACTOR,
+                              warmup_fraction=WARMUP_FRACTION,
+                              weight_decay=WEIGHT_DECAY, jobs=args.jobs),
+        load_start=load, seconds=time.monotonic() - started)
+    compare_report.write(report, results, runs, out)
+    return report
 
 
 if __name__ == "__main__":
