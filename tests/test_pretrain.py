@@ -3,6 +3,7 @@ after kill -9."""
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,71 @@ def test_same_command_continues_another_is_refused(tmp_path, cache):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
     pretrain.main(args)
     assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(lines)
+
+
+def test_steps_need_not_be_a_multiple_of_the_eval_interval(
+    tmp_path, cache, capsys, recwarn
+):
+    # 18 = 12 + 6: the last interval is short, and still validated and
+    # checkpointed.
+    out = tmp_path / "run"
+    pretrain.main(TINY + ["--steps", "18", "--out", str(out),
+                          "--cache-dir", cache])
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "loss" in x] == [4, 8, 12, 16]
+    assert [x["step"] for x in lines if "val_loss" in x] == [12, 18]
+    assert lines[-1]["step"] == 18
+    folder = out / "checkpoints"
+    # latest.json's step is optimizer.iterations when it was saved.
+    assert json.loads((folder / "latest.json").read_text())["step"] == 18
+    assert sorted(x.name for x in folder.glob("ckpt-*")) == [
+        "ckpt-00000012.weights.h5", "ckpt-00000018.weights.h5"]
+    # The bar shows the loss, lr and win rate, over the 6 steps of the
+    # last interval; the diagnostics are in metrics.jsonl only.
+    shown = capsys.readouterr().out
+    assert "Epoch 2/2" in shown and "6/6" in shown
+    assert "win_rate:" in shown and "lr:" in shown
+    assert "hessian_norm" not in shown and "grad_norm" not in shown
+    assert all({"hessian_norm", "grad_norm"} <= set(x)
+               for x in lines if "loss" in x)
+    assert not [w for w in recwarn if "shuffle" in str(w.message)]
+
+
+def test_a_resume_into_a_short_last_interval_ends_where_a_straight_run_ends(
+    tmp_path, cache
+):
+    # Processes, for --deterministic (see the kill -9 test below): it must
+    # take effect before TensorFlow's first op.
+    args = TINY + ["--steps", "18", "--cache-dir", cache, "--deterministic"]
+    root = pathlib.Path(__file__).parents[1]
+
+    def run(out):
+        done = subprocess.run(
+            [sys.executable, "-m", "train.pretrain", *args, "--out",
+             str(out)], cwd=root, capture_output=True, text=True,
+            timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.splitlines()
+
+    straight = tmp_path / "straight"
+    val_loss = run(straight)[-1]
+    # The straight run keeps its checkpoints at 12 and 18. A copy whose
+    # latest.json names the one at 12 is that run killed after it: the
+    # same command resumes at 12 and trains the short interval to 18.
+    out = tmp_path / "resumed"
+    shutil.copytree(straight, out)
+    (out / "final.weights.h5").unlink()
+    (out / "checkpoints" / "latest.json").write_text(json.dumps(
+        {"step": 12, "file": "ckpt-00000012.weights.h5"}))
+    lines = run(out)
+    assert "up to step 12: resuming" in "\n".join(lines)
+    assert lines[-1] == val_loss
+    assert pretrain.latest_checkpoint(out)[0] == 18
+    a = read_weights(straight / "final.weights.h5")
+    b = read_weights(out / "final.weights.h5")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
 
 
 @pytest.mark.large  # ~70 s each: four processes

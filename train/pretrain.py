@@ -10,12 +10,14 @@ Settings: the `Config` defaults below, then a named config or a JSON file
 (`--config`), then `--key value` flags. The run directory (`--out`) gets
 `config.json`, `metrics.jsonl` (one JSON object per logged step),
 TensorBoard logs in `tensorboard/`, checkpoints in `checkpoints/` (every
-`eval_interval` steps, written atomically) and `final.weights.h5`.
+`eval_interval` steps and at the last, written atomically) and
+`final.weights.h5`.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -32,85 +34,223 @@ from train import strategy as strategy_lib
 from train import tokenizer
 
 
+OPTIMIZERS = ("sophia-g", "sophia-h", "adamw", "lion")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# --help lists the settings in these groups, in this order.
+GROUPS = ("model", "data", "optimizer", "schedule", "distribution", "run")
+
+
+def _setting(group, default, text):
+    """A `Config` field; `group` and `text` say where --help lists it and
+    what it shows."""
+    return dataclasses.field(
+        default=default, metadata={"group": group, "help": text})
+
+
 @dataclasses.dataclass
 class Config:
-    model: str = "tiny"  # a name in models.gpt2.SIZES
-    optimizer: str = "sophia-g"  # sophia-g | sophia-h | adamw | lion
-    data: str = "austen"  # austen | openwebtext | text:PATH
-    tokenizer: str = "gpt2"  # gpt2 (BPE, 50,257 tokens) | bytes (UTF-8, 256)
-    steps: int = 200  # optimizer steps in total (also when resuming)
-    batch_size: int = 16  # global batch, in blocks, across all replicas
-    block_size: int = 64  # tokens per block
-    lr: float = 2e-3  # peak learning rate, after warmup
-    min_lr: float = 1e-4  # end of the cosine decay
-    warmup: int = 20  # linear warmup steps
-    rho: float = 0.05  # Sophia's rho (ignored by AdamW and Lion)
-    weight_decay: float = 0.2  # decoupled; dense kernels only
-    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
-    hessian_interval: int = 10  # Sophia's k
-    hessian_batch_fraction: float = 1.0  # share of the batch h is estimated on
-    beta_1: float = None  # None: the optimizer's default
-    beta_2: float = None
-    eval_interval: int = 50  # steps between validation and checkpoints
-    eval_steps: int = 20  # validation batches per evaluation
-    log_interval: int = 10  # steps between lines of metrics.jsonl
-    strategy: str = "default"  # default | mirrored | multiworker | tpu
-    tpu: str = None  # TPU name or grpc:// address; None: this TPU VM's
-    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
-    jit: bool = False  # XLA-compile the train step
-    seed: int = 0  # data order, initialisation, estimator draws
-    deterministic: bool = False  # bit-reproducible runs and resumes; slower
-    val_fraction: float = 0.05  # austen / text: last share of tokens
-    cache_dir: str = "~/.cache/keras_sophia"  # token cache
-    data_dir: str = None  # TFDS data dir (openwebtext)
-    manual_dir: str = None  # where openwebtext.tar.xz was put
-    out: str = "runs/latest"  # the run directory
-    resume: bool = False  # continue the run in `out` up to `steps`
+    model: str = _setting("model", "tiny", " | ".join(gpt2.SIZES))
+    optimizer: str = _setting("optimizer", "sophia-g", " | ".join(OPTIMIZERS))
+    data: str = _setting("data", "austen", "austen | openwebtext | text:PATH "
+                         "(a UTF-8 file, or a directory of *.txt files)")
+    tokenizer: str = _setting(
+        "data", "gpt2", "gpt2 (BPE, 50,257 tokens) | bytes (UTF-8, 256)")
+    steps: int = _setting(
+        "schedule", 200, "optimizer steps in total (also when resuming)")
+    batch_size: int = _setting(
+        "schedule", 16, "global batch, in blocks, across all replicas")
+    block_size: int = _setting("model", 64, "tokens per block")
+    lr: float = _setting("schedule", 2e-3, "peak learning rate, after warmup")
+    min_lr: float = _setting("schedule", 1e-4, "end of the cosine decay")
+    warmup: int = _setting("schedule", 20, "linear warmup steps")
+    rho: float = _setting(
+        "optimizer", 0.05, "Sophia's rho (ignored by AdamW and Lion)")
+    weight_decay: float = _setting(
+        "optimizer", 0.2, "decoupled; dense kernels only")
+    grad_clip: float = _setting(
+        "optimizer", 1.0, "global-norm clipping; 0 turns it off")
+    hessian_interval: int = _setting("optimizer", 10, "Sophia's k")
+    hessian_batch_fraction: float = _setting(
+        "optimizer", 1.0, "share of the batch h is estimated on")
+    beta_1: float = _setting(
+        "optimizer", None, "None: the optimizer's default")
+    beta_2: float = _setting(
+        "optimizer", None, "None: the optimizer's default")
+    eval_interval: int = _setting(
+        "schedule", 50, "steps between validation and checkpoints; the "
+        "last interval is shorter when it does not divide --steps")
+    eval_steps: int = _setting(
+        "schedule", 20, "validation batches per evaluation")
+    log_interval: int = _setting(
+        "schedule", 10, "steps between lines of metrics.jsonl")
+    strategy: str = _setting(
+        "distribution", "default", " | ".join(strategy_lib.NAMES))
+    tpu: str = _setting("distribution", None,
+                        "TPU name or grpc:// address; None: this TPU VM's")
+    precision: str = _setting(
+        "distribution", "float32", " | ".join(PRECISIONS))
+    jit: bool = _setting("distribution", False, "XLA-compile the train step")
+    seed: int = _setting(
+        "run", 0, "data order, initialisation, estimator draws")
+    deterministic: bool = _setting(
+        "run", False, "bit-reproducible runs and resumes; slower")
+    val_fraction: float = _setting(
+        "data", 0.05, "austen / text: last share of tokens")
+    cache_dir: str = _setting("data", "~/.cache/keras_sophia", "token cache")
+    data_dir: str = _setting("data", None, "TFDS data dir (openwebtext)")
+    manual_dir: str = _setting(
+        "data", None, "where openwebtext.tar.xz was put")
+    out: str = _setting("run", "runs/latest", "the run directory")
+    resume: bool = _setting(
+        "run", False, "continue the run in --out up to --steps")
 
 
-def parse_config(argv=None):
+# (settings, the test each must pass, what the test allows)
+_RANGES = (
+    (("steps", "batch_size", "block_size", "eval_interval", "eval_steps",
+      "log_interval", "hessian_interval", "lr", "rho"),
+     lambda value: value > 0, "> 0"),
+    (("warmup", "weight_decay", "grad_clip"),
+     lambda value: value >= 0, ">= 0"),
+    (("hessian_batch_fraction",), lambda value: 0 < value <= 1, "in (0, 1]"),
+    (("val_fraction",), lambda value: 0 < value < 1, "in (0, 1)"),
+    (("beta_1", "beta_2"),
+     lambda value: value is None or 0 <= value < 1, "in [0, 1)"),
+)
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _parser():
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m train.pretrain",
+        usage="%(prog)s [--config NAME|FILE.json] [--key value ...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", help=f"a JSON file or one of: {', '.join(configs.CONFIGS)}"
     )
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
+        flag = _flag(field.name)
+        group = groups[field.metadata["group"]]
+        # default=None marks a flag not given, so the shown default is
+        # Config's.
+        text = f"{field.metadata['help']} (default: {field.default})"
         if field.type is bool:
-            parser.add_argument(flag, action="store_true", default=None)
+            group.add_argument(flag, action="store_true", default=None,
+                               help=text)
         else:
-            parser.add_argument(flag, type=field.type, default=None)
+            group.add_argument(flag, type=field.type, default=None,
+                               help=text)
+    return parser
+
+
+def parse_config(argv=None):
+    """The `Config` of `argv`. An invalid setting exits as argparse does
+    (usage, a one-line error, status 2) before anything is written."""
+    parser = _parser()
     args = vars(parser.parse_args(argv))
     settings = {}
     name = args.pop("config")
     if name in configs.CONFIGS:
         settings.update(configs.CONFIGS[name])
     elif name is not None:
-        settings.update(json.loads(pathlib.Path(name).read_text()))
+        settings.update(_read_config(name, parser.error))
     settings.update({k: v for k, v in args.items() if v is not None})
     config = Config(**settings)
-    _check(config)
+    _check(config, parser.error)
     return config
 
 
-def _check(config):
-    if config.model not in gpt2.SIZES:
-        raise ValueError(f"--model must be one of {sorted(gpt2.SIZES)}; "
-                         f"got {config.model!r}")
-    if config.optimizer not in ("sophia-g", "sophia-h", "adamw", "lion"):
-        raise ValueError("--optimizer must be sophia-g, sophia-h, adamw or "
-                         f"lion; got {config.optimizer!r}")
-    if config.tokenizer not in tokenizer.VOCAB_SIZES:
-        raise ValueError(f"--tokenizer must be one of "
-                         f"{sorted(tokenizer.VOCAB_SIZES)}; "
-                         f"got {config.tokenizer!r}")
-    if config.steps % config.eval_interval:
-        raise ValueError(
-            f"--steps ({config.steps}) must be a multiple of --eval-interval "
-            f"({config.eval_interval}): each Keras epoch is one interval."
-        )
+def _read_config(path, error):
+    """The settings in the JSON file `path`; `error` for anything else."""
+    try:
+        settings = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as problem:
+        error(f"--config must be a JSON file or one of "
+              f"{', '.join(configs.CONFIGS)}; got {path!r} ({problem})")
+    if not isinstance(settings, dict):
+        error(f"--config {path} must hold a JSON object of settings")
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    for name, value in settings.items():
+        if name not in fields:
+            error(f"--config {path}: unknown setting {name!r}; the settings "
+                  f"are {', '.join(fields)}")
+        if not _fits(fields[name], value):
+            error(f"--config {path}: {name} must be of type "
+                  f"{fields[name].type.__name__}; got {value!r}")
+    return settings
+
+
+def _fits(field, value):
+    """Whether a JSON `value` has the type of `field`."""
+    if value is None:
+        return field.default is None
+    if field.type is float:
+        return type(value) in (int, float)
+    return type(value) is field.type
+
+
+def _check(config, error):
+    """Calls `error` on the first setting no run could use."""
+    for name, allowed in (
+        ("model", tuple(gpt2.SIZES)),
+        ("optimizer", OPTIMIZERS),
+        ("tokenizer", tuple(tokenizer.VOCAB_SIZES)),
+        ("strategy", strategy_lib.NAMES),
+        ("precision", PRECISIONS),
+    ):
+        value = getattr(config, name)
+        if value not in allowed:
+            error(f"{_flag(name)} must be one of {', '.join(allowed)}; "
+                  f"got {value!r}")
+    for names, test, allowed in _RANGES:
+        for name in names:
+            value = getattr(config, name)
+            if not test(value):
+                error(f"{_flag(name)} must be {allowed}; got {value!r}")
+    if not 0 <= config.min_lr <= config.lr:
+        error(f"--min-lr must be in [0, --lr] = [0, {config.lr!r}]; "
+              f"got {config.min_lr!r}")
+    if not _readable(config.data):
+        error("--data must be austen, openwebtext or text:PATH, PATH a "
+              "UTF-8 file or a directory of *.txt files; "
+              f"got {config.data!r}")
+
+
+def _readable(source):
+    """Whether `data.load_tokens` can read `source`."""
+    if source in ("austen", "openwebtext"):
+        return True
+    if not source.startswith("text:"):
+        return False
+    path = pathlib.Path(source[len("text:"):]).expanduser()
+    return path.is_file() or any(path.rglob("*.txt"))
+
+
+def _check_splits(config, train_ids, val_ids):
+    """Exits as argparse does if a split holds too few batches: a check
+    that needs the tokens, made before anything goes into --out."""
+    window = config.block_size + 1  # a block and its last target
+    blocks = len(train_ids) // window
+    if config.batch_size > blocks:
+        _parser().error(
+            f"--batch-size must be at most {blocks}: the training split "
+            f"({len(train_ids):,} tokens) holds {blocks} blocks of "
+            f"--block-size {config.block_size} tokens (+ 1 target); "
+            f"got {config.batch_size}")
+    batches = len(val_ids) // window // config.batch_size
+    if config.eval_steps > batches:
+        _parser().error(
+            f"--eval-steps must be at most {batches}: the validation split "
+            f"({len(val_ids):,} tokens) holds {batches} batches of "
+            f"--batch-size {config.batch_size} blocks of --block-size "
+            f"{config.block_size} tokens (+ 1 target); "
+            f"got {config.eval_steps}")
 
 
 def no_decay(variables):
@@ -214,6 +354,54 @@ class MetricsLog(keras.callbacks.Callback):
             f.write(json.dumps(record) + "\n")
 
 
+class StopAt(keras.callbacks.Callback):
+    """Ends training at step `steps`, within the last epoch if `steps` is
+    not a multiple of `eval_interval` (`fit`'s steps per epoch).
+
+    `fit` takes one `steps_per_epoch`, so the last interval is cut short
+    here rather than trained by a second `fit`: that would restart the
+    data iterator and the callbacks. A stopped epoch still validates and
+    ends (val_loss line, checkpoint), and counting optimizer steps keeps
+    a resumed run, whose first epoch starts at its checkpoint, on the
+    same steps as a straight one."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() >= self.steps:
+            self.model.stop_training = True
+
+
+class ProgressBar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar with what a person watches: loss, learning
+    rate, win rate and val_loss. The diagnostics also in the logs go to
+    metrics.jsonl and TensorBoard only; filtering them here, not keeping
+    them out of the logs, leaves the TensorBoard callback writing them."""
+
+    SHOWN = ("loss", "lr", "win_rate", "val_loss")
+
+    def __init__(self, steps, interval):
+        super().__init__()
+        self.steps, self.interval = steps, interval
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # The bar's length: the interval, or what StopAt leaves of it.
+        step = int(self.model.optimizer.iterations.numpy())
+        self.target = min(self.interval, self.steps - step)
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._shown(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, self._shown(logs))
+
+    def _shown(self, logs):
+        return {k: v for k, v in (logs or {}).items() if k in self.SHOWN}
+
+
 def _logged_time(path, step):
     """The last `time` logged in `path` at or before `step`; 0 if none."""
     path = pathlib.Path(path)
@@ -226,7 +414,8 @@ def _logged_time(path, step):
 
 
 class Checkpoints(keras.callbacks.Callback):
-    """Weights and optimizer state every epoch (= `eval_interval` steps).
+    """Weights and optimizer state every epoch: every `eval_interval`
+    steps, and at the last step.
 
     Each file is written under a temporary name and renamed, and
     `latest.json` is replaced last, so a crash mid-save leaves the previous
@@ -319,15 +508,16 @@ def main(argv=None):
     # Under MultiWorkerMirroredStrategy every worker runs this program on
     # the same --out (a shared file system); only the chief writes to it.
     chief = strategy.extended.should_checkpoint
-    if chief:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out / "config.json",
-                          json.dumps(dataclasses.asdict(config), indent=2))
     train_ids, val_ids = data.load_tokens(
         config.data, os.path.expanduser(config.cache_dir),
         val_fraction=config.val_fraction, data_dir=config.data_dir,
         manual_dir=config.manual_dir, tokenizer_name=config.tokenizer,
     )
+    _check_splits(config, train_ids, val_ids)
+    if chief:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out / "config.json",
+                          json.dumps(dataclasses.asdict(config), indent=2))
     print(f"{len(train_ids):,} training and {len(val_ids):,} validation "
           f"tokens; {strategy.num_replicas_in_sync} replica(s)")
 
@@ -365,22 +555,33 @@ def main(argv=None):
     val_data = data.make_dataset(
         val_ids, config.block_size, config.batch_size
     ).take(config.eval_steps)
-    # keras.Model.fit, not keras-hub's: its wrapper only maps a preprocessor
-    # (we have none) and cannot take a distributed dataset.
-    keras.Model.fit(
-        model,
-        strategy.distribute_datasets_from_function(train_data),
-        steps_per_epoch=config.eval_interval,
-        epochs=config.steps // config.eval_interval,
-        initial_epoch=start // config.eval_interval,
-        validation_data=val_data,
-        callbacks=[
+    # Every worker stops at the same step and shows a bar; only the chief
+    # writes.
+    callbacks = [StopAt(config.steps)]
+    if chief:
+        callbacks += [
             MetricsLog(out / "metrics.jsonl", config.log_interval),
             Checkpoints(out / "checkpoints"),
             keras.callbacks.TensorBoard(
                 out / "tensorboard", update_freq=config.log_interval
             ),
-        ] if chief else [],
+        ]
+    # Last, to show the lr MetricsLog adds to the logs.
+    callbacks.append(ProgressBar(config.steps, config.eval_interval))
+    # keras.Model.fit, not keras-hub's: its wrapper only maps a preprocessor
+    # (we have none) and cannot take a distributed dataset. Epochs are
+    # eval intervals, the last one cut short by StopAt; ceil, so a run
+    # that ended in such an interval is complete. shuffle=False: the
+    # dataset shuffles itself (Keras warns that it ignores shuffle=True).
+    keras.Model.fit(
+        model,
+        strategy.distribute_datasets_from_function(train_data),
+        steps_per_epoch=config.eval_interval,
+        epochs=math.ceil(config.steps / config.eval_interval),
+        initial_epoch=math.ceil(start / config.eval_interval),
+        validation_data=val_data,
+        shuffle=False,
+        callbacks=callbacks,
     )
     val_loss = model.evaluate(val_data, verbose=0)
     if chief:
