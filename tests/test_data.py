@@ -216,3 +216,25 @@ def test_openwebtext_source(tmp_path, monkeypatch):
         tuple(encode(texts[n]) + [eot]) for n in held_out)
     total = sum(len(encode(t)) + 1 for t in texts.values())
     assert train.size + val.size == total
+
+
+def test_byte_tokenizer_caches_the_utf8_bytes(tmp_path):
+    source = tmp_path / "books"
+    source.mkdir()
+    # Two documents (sorted by name), one with a two-byte character.
+    (source / "a.txt").write_text("né\n", encoding="utf-8")
+    (source / "b.txt").write_text("ab", encoding="utf-8")
+    train, val = data.load_tokens(f"text:{source}", tmp_path / "cache",
+                                  val_fraction=0.25, tokenizer_name="bytes")
+    # "né\n" is 6e c3 a9 0a; each document ends with byte 0: 8 tokens in
+    # all, the last round(8 * 0.25) = 2 of them validation.
+    stream = [0x6E, 0xC3, 0xA9, 0x0A, 0, ord("a"), ord("b"), 0]
+    np.testing.assert_array_equal(np.concatenate([train, val]), stream)
+    assert val.size == 2
+    assert tokenizer.VOCAB_SIZES["bytes"] == 256
+    # Its own cache, beside (not instead of) the BPE one.
+    data.load_tokens(f"text:{source}", tmp_path / "cache", val_fraction=0.25)
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(names) == 2 and "-bytes-" in names[1]
+    with pytest.raises(ValueError, match="tokenizer_name"):
+        data.load_tokens("austen", tmp_path / "cache", tokenizer_name="char")

@@ -7,6 +7,7 @@ import pytest
 
 import keras_sophia
 from models import gpt2
+from train import pretrain
 
 
 @pytest.mark.parametrize(
@@ -19,6 +20,32 @@ from models import gpt2
 def test_named_sizes_have_gpt2_parameter_counts(name, millions):
     model = gpt2.build(name)
     assert abs(model.count_params() / 1e6 - millions) <= 0.03 * millions
+
+
+@pytest.mark.parametrize("name, parameters", [
+    # 4 x 12 * 64^2 (blocks) + 4 x 13 * 64 (biases and norms) + 2 * 64
+    # (final norm) + 64 * (256 + 64) (token and position embeddings).
+    ("byte-s", 4 * 12 * 64 ** 2 + 4 * 13 * 64 + 2 * 64 + 64 * (256 + 64)),
+    ("byte-m", 6 * 12 * 128 ** 2 + 6 * 13 * 128 + 2 * 128
+     + 128 * (256 + 64)),
+])
+def test_byte_level_sizes(name, parameters):
+    model = gpt2.build(name, block_size=64, vocabulary_size=256)
+    assert model.count_params() == parameters
+
+
+def test_weight_decay_reaches_dense_kernels_only():
+    # As the Sophia authors' GPT-2 (nanoGPT's Linear weights): not the
+    # embeddings, biases (keras-hub's attention biases are 2-D) or norms.
+    model = gpt2.build("byte-s", block_size=16, vocabulary_size=256)
+    spared = pretrain.no_decay(model.trainable_variables)
+    decayed = [v for v in model.trainable_variables if v not in spared]
+    assert {v.name for v in decayed} == {"kernel"}
+    assert {v.name for v in spared} == {"embeddings", "bias", "gamma",
+                                        "beta"}
+    assert any(len(v.shape) == 2 for v in spared if v.name == "bias")
+    # q, k, v, attention output, two MLP layers in each of 4 blocks.
+    assert len(decayed) == 4 * 6
 
 
 def test_tiny_forward_pass_gives_next_token_logits():

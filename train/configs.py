@@ -3,7 +3,7 @@ code), for every optimizer. Each is a set of overrides of `pretrain.Config`.
 
 Shared by all: OpenWebText, blocks of 1024, a global batch of 480 blocks,
 2,000 warmup steps then cosine decay over 100k steps, global-norm clipping
-at 1.0, weight decay on matrices only, bf16 compute.
+at 1.0, weight decay on dense kernels only, bf16 compute.
 """
 
 _COMMON = dict(
