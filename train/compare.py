@@ -102,18 +102,22 @@ QUICK_RHOS = (0.05, 0.2)
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One run: a contender, its lr and rho, a seed and a step budget."""
+    """One run: a contender, its lr and rho, a seed, a step budget and
+    any other pretrain flags (`train.ablate`'s changes)."""
     contender: str
     lr: float
     rho: float = None
     seed: int = 0
     steps: int = None  # None: the comparison's budget
+    extra: tuple = ()  # ((flag, value), ...), applied last
 
     def label(self):
         return (f"{self.contender}-lr{self.lr:g}"
                 + (f"-rho{self.rho:g}" if self.rho is not None else "")
                 + (f"-seed{self.seed}" if self.seed else "")
-                + (f"-steps{self.steps}" if self.steps else ""))
+                + (f"-steps{self.steps}" if self.steps else "")
+                + "".join(f"-{k.replace('_', '-')}{v:g}"
+                          for k, v in self.extra))
 
 
 def tune(contender, lrs, rhos, seeds, extensions, steps):
@@ -202,6 +206,7 @@ class Runner:
         flags.update(steps=steps, warmup=round(steps * WARMUP_FRACTION))
         if setting.rho is not None:
             flags["rho"] = setting.rho
+        flags.update(setting.extra)
         return [f"--{k.replace('_', '-')}" if v is True
                 else f"--{k.replace('_', '-')}={v}"
                 for k, v in flags.items() if v is not False]
