@@ -2,6 +2,7 @@
 seeds, budgets), the speedup and crossing arithmetic, and --quick end to
 end (every field, finite losses, the plots, reuse after a rerun)."""
 
+import concurrent.futures
 import json
 import math
 
@@ -145,6 +146,41 @@ def test_sophia_keeps_its_lr_when_the_first_rho_wins():
                      3, 100), _bowl(5e-4, 0.05))
     assert len(asked) == 5 + 2  # the lr grid, then two other rhos
     assert (result["best"]["lr"], result["best"]["rho"]) == (5e-4, 0.05)
+
+
+class _Finished:
+    """A stand-in for `compare.Runner`: each run finishes at once."""
+
+    def __init__(self, loss):
+        self.loss, self.trained = loss, []
+
+    def submit(self, setting):
+        self.trained.append(setting)
+        future = concurrent.futures.Future()
+        future.set_result(dict(vars(setting), setting=setting,
+                               final_val_loss=self.loss(setting)))
+        return future
+
+
+def test_a_follower_runs_at_its_leaders_best_setting():
+    # Sophia-G's sweep finds lr 5e-4, rho 0.05; Sophia-G on half the
+    # batch then trains that setting and its seeds, nothing else.
+    runner = _Finished(_bowl(5e-4, 0.05))
+
+    def then(name, result):
+        best = result["best"]
+        return {"sophia-g-half": compare.tune(
+            "sophia-g-half", (best["lr"],), (best["rho"],), 2, 0, 100,
+            rho=best["rho"])} if name == "sophia-g" else {}
+
+    results = compare.drive({"sophia-g": compare.tune(
+        "sophia-g", compare.LRS["sophia-g"], compare.RHOS, 2, 3, 100)},
+        runner, then)
+    half = [(s.lr, s.rho, s.seed) for s in runner.trained
+            if s.contender == "sophia-g-half"]
+    assert half == [(5e-4, 0.05, 0), (5e-4, 0.05, 1)]
+    assert results["sophia-g-half"]["best"]["lr"] == 5e-4
+    assert len(results["sophia-g-half"]["seeds"]) == 2
 
 
 def test_bad_arguments_exit_with_status_2(capsys):
