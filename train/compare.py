@@ -277,8 +277,11 @@ def drive(protocols, runner, then):
     for name in list(protocols):
         advance(name, None)
     while waiting:
+        # Only the runs still going: a finished one would wake the wait at
+        # once, and the loop would spin until its siblings finish.
         concurrent.futures.wait(
-            [f for futures in waiting.values() for f in futures],
+            [f for futures in waiting.values() for f in futures
+             if not f.done()],
             return_when=concurrent.futures.FIRST_COMPLETED)
         for name, futures in list(waiting.items()):
             if all(f.done() for f in futures):
