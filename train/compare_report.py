@@ -208,7 +208,8 @@ def markdown(report):
             + f" | {_number(run['final_val_loss_mean'])}{spread} | "
             + ("" if run["rho"] is None else
                f"{_number(run['speedup_vs_adamw'], '.2f')} ({per_seed})")
-            + f" | {_number(run['steps_ratio_vs_adamw'], '.2f')} | "
+            + " | " + ("not reached" if run["steps_ratio_vs_adamw"] is None
+                       else f"{run['steps_ratio_vs_adamw']:.2f}") + " | "
             + (f"{statistics.fmean(win):.3f}" if win else "")
             + f" | {_number(run['seconds_per_step'], '.3f')} |")
     rows += ["", "| AdamW budget | steps | final val loss |", "|---|---|---|"]
