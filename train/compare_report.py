@@ -298,15 +298,17 @@ def _plot_budgets(report, out):
     axes.plot([b["steps"] for b in budgets],
               [b["final_val_loss"] for b in budgets], "ko-",
               label="AdamW, each budget with its own schedule")
-    for name, speedup in report["speedup_vs_adamw"].items():
+    for index, (name, speedup) in enumerate(
+            report["speedup_vs_adamw"].items()):
         run = report["best"][name]
         losses = [x for x in run["final_val_loss_by_seed"] if x is not None]
         if not losses:
             continue
-        line = axes.axhline(statistics.fmean(losses), linestyle="--",
-                            label=f"{name}: speedup {_number(speedup, '.2f')}")
-        axes.axhspan(min(losses), max(losses), color=line.get_color(),
-                     alpha=0.2)
+        # axhline does not advance the colour cycle: one colour each.
+        colour = f"C{index + 1}"
+        axes.axhline(statistics.fmean(losses), linestyle="--", color=colour,
+                     label=f"{name}: speedup {_number(speedup, '.2f')}")
+        axes.axhspan(min(losses), max(losses), color=colour, alpha=0.15)
     axes.set_xscale("log")
     axes.set_xlabel("AdamW's step budget")
     axes.set_ylabel("final validation loss")
