@@ -64,8 +64,8 @@ CONTENDERS = {
 }
 SOPHIAS = ("sophia-g", "sophia-h", "sophia-g-half")
 # Contenders run at another's best setting instead of a sweep of their
-# own: the one cut that makes the protocol fit about 90 minutes here (a
-# sweep of its own would add eight runs, about 20 minutes). The paper ran
+# own: the one cut made for time (a sweep of its own would add eight
+# runs, about 20 minutes; the whole protocol takes ~115 minutes here). The paper ran
 # the half-batch estimate with the hyperparameters of the full one.
 FOLLOWERS = {"sophia-g-half": "sophia-g"}
 
