@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    "torch: PyTorch's module defaults")
     p.add_argument("--eval-interval", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2,
+                   help="PyTorch's intra-op threads (1 per run when two "
+                   "runs share 2 cores)")
     p.add_argument("--text", type=pathlib.Path, default=AUSTEN,
                    help="a UTF-8 text file, one document")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -70,8 +73,8 @@ def parse_args(argv=None):
                    help="run directory; None: "
                    "runs/crosscheck/OPTIMIZER-INIT-seedSEED")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.eval_interval < 1:
-        p.error("--steps and --eval-interval must be at least 1")
+    if min(args.steps, args.eval_interval, args.threads) < 1:
+        p.error("--steps, --eval-interval and --threads must be at least 1")
     if args.weight_decay is None:
         args.weight_decay = 0.2 if args.optimizer == "sophia-g" else 0.1
     if args.out is None:
@@ -197,7 +200,7 @@ def main(argv=None):
         print(INSTALL, file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     F = torch.nn.functional
 
     train, val = windows(args.text, args.block_size, args.val_fraction)
