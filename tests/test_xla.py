@@ -90,7 +90,10 @@ def fitted(estimator, jit_compile, steps_per_execution):
 plain = functools.cache(lambda estimator: fitted(estimator, False, 1))
 
 
-@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+# Hutchinson's cases take ~50 s each: `large` (the default run keeps GNB's
+# and the Hessian-vector products under XLA above).
+@pytest.mark.parametrize("estimator", [
+    "gnb", pytest.param("hutchinson", marks=pytest.mark.large)])
 @pytest.mark.parametrize("jit_compile, steps_per_execution", [
     (False, 3), (True, 3),
 ])
