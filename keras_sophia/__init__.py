@@ -1,6 +1,7 @@
 """Sophia (arXiv 2305.14342) for Keras 3 on TensorFlow."""
 
 from keras_sophia import estimators
+from keras_sophia.context import EstimatorContext
 from keras_sophia.estimators import GaussNewtonBartlett
 from keras_sophia.estimators import HessianEstimator
 from keras_sophia.estimators import Hutchinson
@@ -12,6 +13,7 @@ from keras_sophia.train_step import estimate_hessian
 __version__ = "0.1.0"
 
 __all__ = [
+    "EstimatorContext",
     "GaussNewtonBartlett",
     "HessianEstimator",
     "Hutchinson",

@@ -2,26 +2,12 @@
 
 An estimator turns one batch into one tensor per trainable variable whose
 expectation is (an approximation of) the diagonal of the Hessian of the
-training loss. It is written with `keras.ops` against a *context* that
-`keras_sophia.SophiaTrainStep` builds on refresh steps, so the forward and
-backward passes of the training step are shared, not repeated:
-
-* `context.model`, `context.x`, `context.y`, `context.sample_weight`: the
-  model and the batch.
-* `context.y_pred`: the model output of the training forward pass.
-* `context.variables`: the trainable variables; `context.grads`: their
-  training gradients of this replica's own mean loss (loss scale and
-  Keras's 1 / replicas factor undone).
-* `context.vjp(cotangents)`: `sum(y_pred * cotangents)` differentiated with
-  respect to the variables through the recorded forward pass (one backward
-  pass; dense results). Under float16 loss scaling the pass runs at
-  `scale / terms`, sized for a cotangent summed (not averaged) over the loss
-  terms, as GNB's is.
-* `context.hvp(vectors)`: Hessian-vector products `H v` of the training loss,
-  by differentiating the recorded training gradient once more.
-* `context.uniform(shape)`, `context.normal(shape)`: random draws that are
-  independent per call and per replica, and a pure function of
-  `(optimizer.seed, iterations)`, so a resumed run draws the same numbers.
+training loss. It is written with `keras.ops` against the
+`keras_sophia.EstimatorContext` that `keras_sophia.SophiaTrainStep` builds
+on refresh steps, so the forward and backward passes of the training step
+are shared, not repeated: the context gives the model, the batch, `y_pred`,
+the variables and their gradients, `vjp`, `hvp` and random draws, and
+documents what each costs.
 
 Under `tf.distribute` each replica sees its own share of the batch. So an
 estimator works in two stages: `statistics(context)` returns a list of

@@ -5,7 +5,6 @@ Everything that needs tapes, `tf.cond` or stateless random ops lives here;
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss
 from tensorflow.compiler.tf2xla.python import xla
@@ -13,6 +12,7 @@ from tensorflow.python.framework import ops as tf_ops
 
 from keras_sophia import distributed
 from keras_sophia import estimators as estimators_lib
+from keras_sophia.context import EstimatorContext
 from keras_sophia.multiworker import MultiWorkerFit
 from keras_sophia.sophia import Sophia
 
@@ -256,144 +256,11 @@ def _refresh_pass(model, x, y, sample_weight, estimator, seed, track_loss=True):
     # sees this replica's own mean loss.
     scale = model.optimizer.scale_loss(1.0) if model.optimizer else 1.0
     scale = scale / tf.distribute.get_strategy().num_replicas_in_sync
-    context = _Context(model, x, y, sample_weight, y_pred, variables,
+    context = EstimatorContext(model, x, y, sample_weight, y_pred, variables,
                        grads, scale, inner, outer, seed)
     statistics = estimator.statistics(context)
     del inner, outer
     return y_pred, grads, statistics
-
-
-class _Context:
-    """What an estimator may use on a refresh step (estimators.py lists it).
-
-    Gradients from the tapes are of the scaled loss (loss scaling keeps
-    fp16 backward passes from underflowing, and Keras divides each
-    replica's loss by the number of replicas); both factors are undone
-    here, so an estimator sees this replica's own mean loss.
-    """
-
-    def __init__(self, model, x, y, sample_weight, y_pred, variables,
-                 scaled_grads, scale, inner, outer, seed):
-        self.model = model
-        self.x, self.y, self.sample_weight = x, y, sample_weight
-        self.y_pred = y_pred
-        self.variables = variables
-        self._scaled_grads = scaled_grads
-        self._scale = scale
-        self._inner, self._outer = inner, outer
-        # Each replica draws its own numbers: fold in the replica id.
-        replica = tf.distribute.get_replica_context()
-        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
-        self._seed = tf.random.experimental.stateless_fold_in(
-            seed, replica_id, alg="philox"
-        )
-        self._draws = 0
-
-    @property
-    def grads(self):
-        return self._unscale(
-            [None if g is None else tf.convert_to_tensor(g)
-             for g in self._scaled_grads],
-            self._scale,
-        )
-
-    def vjp(self, cotangents):
-        # Loss scaling keeps fp16 in range for the training loss, a mean
-        # over n terms. A cotangent summed over the terms (GNB's) is n times
-        # larger and overflowed at `scale`; at `scale / n` each term enters
-        # the backward pass as large as it does in the training pass.
-        factor = self._scale
-        if self._scaled:
-            # n from the leading axes: the size with the classes would pass
-            # int32 for GPT-2 at 60 x 1024 tokens per replica.
-            first = tf.nest.flatten(self.y_pred)[0]
-            factor = factor / tf.cast(
-                tf.reduce_prod(tf.shape(first)[:-1]), tf.float32
-            )
-        scaled = tf.nest.map_structure(
-            lambda c, y: tf.cast(c * factor, y.dtype),
-            cotangents, self.y_pred,
-        )
-        products = self._inner.gradient(
-            self.y_pred, self.variables, output_gradients=scaled
-        )
-        return self._unscale([_dense(p) for p in products], factor)
-
-    def hvp(self, vectors):
-        # d/dθ <grad(θ), v> = H v. A sparse gradient (embedding rows)
-        # contributes only through the rows it holds. The recorded gradient
-        # carries the loss scale s; with cotangent v / c the second backward
-        # pass carries s / c on the forward activations' adjoints and 1 / c
-        # on those of the first backward pass. c = sqrt(s) keeps both in
-        # fp16 range: on a tiny GPT-2, c = 1 overflowed at s = 2^15 and
-        # c = s lost precision from s = 2^18.
-        root = tf.sqrt(self._scale) if self._scaled else 1.0
-        targets, cotangents = [], []
-        for grad, vector in zip(self._scaled_grads, vectors):
-            if grad is None:
-                continue
-            if isinstance(grad, tf.IndexedSlices):
-                targets.append(grad.values)
-                vector = tf.gather(vector, grad.indices)
-            else:
-                targets.append(grad)
-            cotangents.append(tf.cast(vector / root, targets[-1].dtype))
-        products = self._outer.gradient(
-            targets, self.variables, output_gradients=cotangents
-        )
-        products = [_dense(p) for p in products]
-        return self._unscale(products, self._scale / root)
-
-    # Integer Philox draws, converted here: under XLA, TensorFlow's float
-    # `stateless_uniform` / `stateless_normal` return other numbers than
-    # eager execution does for a seed computed at run time (measured with
-    # TF 2.21), while the integer draws agree bit for bit. So a compiled
-    # run draws the same probes and labels as an eager one.
-    def uniform(self, shape):
-        """Uniform in [0, 1) on a 2**-24 grid (float32's resolution)."""
-        bits = tf.random.stateless_uniform(
-            shape, seed=self._next_seed(), minval=0, maxval=_GRID,
-            dtype=tf.int32, alg="philox",
-        )
-        return tf.cast(bits, tf.float32) / _GRID
-
-    def normal(self, shape):
-        """Standard normal by Box-Muller from two uniforms."""
-        radius_u = (self.uniform(shape) * _GRID + 0.5) / _GRID  # in (0, 1)
-        angle_u = self.uniform(shape)
-        return tf.sqrt(-2.0 * tf.math.log(radius_u)) * tf.cos(
-            2.0 * np.pi * angle_u
-        )
-
-    def _next_seed(self):
-        self._draws += 1
-        return tf.random.experimental.stateless_fold_in(
-            self._seed, self._draws, alg="philox"
-        )
-
-    @property
-    def _scaled(self):
-        """Whether the tapes' gradients carry a factor (loss scale, or
-        Keras's 1 / replicas) to undo."""
-        return not (isinstance(self._scale, (int, float)) and self._scale == 1)
-
-    def _unscale(self, values, scale):
-        if not self._scaled:
-            return values
-        return [
-            None if v is None else v / tf.cast(scale, v.dtype)
-            for v in values
-        ]
-
-
-_GRID = 2**24
-
-
-def _dense(value):
-    """Dense float32 tensor (estimates live in float32 `h`), or None."""
-    if value is None:
-        return None
-    return tf.cast(tf.convert_to_tensor(value), tf.float32)
 
 
 def _register_xla_dynamic_update_slice_gradient():

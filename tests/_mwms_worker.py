@@ -33,7 +33,7 @@ def fix_draws():
     the CDF's first quartile), so the workers' Sophia run can be compared
     with one process; that replicas draw their own numbers is tested in
     test_distributed.py."""
-    keras_sophia.train_step._Context.uniform = (
+    keras_sophia.EstimatorContext.uniform = (
         lambda self, shape: tf.fill(shape, 0.25)
     )
 

@@ -12,8 +12,8 @@ from conftest import CPUS
 from conftest import classification_data
 from conftest import tiny_classifier
 
+from keras_sophia import EstimatorContext
 from keras_sophia import Sophia
-from keras_sophia import train_step as train_step_lib
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -70,7 +70,7 @@ def fixed_draws(monkeypatch):
     replicas see the same "random" numbers and can be compared exactly.
     Whether replicas draw different numbers is tested separately."""
     monkeypatch.setattr(
-        train_step_lib._Context, "uniform",
+        EstimatorContext, "uniform",
         lambda self, shape: tf.fill(shape, 0.25),
     )
 

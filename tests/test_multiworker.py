@@ -142,7 +142,7 @@ def test_sophia_workers_match_each_other_and_one_process(tmp_path, optimizer,
     # Same fixed draws in this process. m and h agree to ~1e-8; an
     # unclipped coordinate moves lr * m / (rho * h), which amplifies that
     # in the weights (see test_distributed.py), hence atol 1e-5.
-    monkeypatch.setattr(worker.keras_sophia.train_step._Context, "uniform",
+    monkeypatch.setattr(worker.keras_sophia.EstimatorContext, "uniform",
                         lambda self, shape: worker.tf.fill(shape, 0.25))
     assert_same_keys_and_values(
         first, single_process(optimizer), rtol=1e-5, atol=1e-5
