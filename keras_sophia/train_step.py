@@ -1,7 +1,8 @@
 """The Hessian-refreshing `train_step`: the TensorFlow-specific part.
 
-Everything that needs tapes, `tf.cond` or stateless random ops lives here;
-`sophia.py` and `estimators.py` use `keras.ops` only.
+Everything that needs tapes or `tf.cond` lives here and in `context.py`
+(the estimator context, with its stateless draws); `sophia.py` and
+`estimators.py` use `keras.ops` only.
 """
 
 import keras
@@ -256,8 +257,8 @@ def _refresh_pass(model, x, y, sample_weight, estimator, seed, track_loss=True):
     # sees this replica's own mean loss.
     scale = model.optimizer.scale_loss(1.0) if model.optimizer else 1.0
     scale = scale / tf.distribute.get_strategy().num_replicas_in_sync
-    context = EstimatorContext(model, x, y, sample_weight, y_pred, variables,
-                       grads, scale, inner, outer, seed)
+    context = EstimatorContext(model, x, y, sample_weight, y_pred,
+                               variables, grads, scale, inner, outer, seed)
     statistics = estimator.statistics(context)
     del inner, outer
     return y_pred, grads, statistics
