@@ -183,8 +183,46 @@ def test_a_follower_runs_at_its_leaders_best_setting():
     assert len(results["sophia-g-half"]["seeds"]) == 2
 
 
-def test_bad_arguments_exit_with_status_2(capsys):
-    for argv in (["--steps", "30"], ["--seeds", "0"], ["--jobs", "-1"]):
+def test_transfer_tunes_around_the_smaller_models_best(tmp_path):
+    # The finished comparison found AdamW at 1.2e-2, Sophia-G at 2.5e-4
+    # (rho 0.05), Sophia-H at 1e-3 (rho 3.2). At the larger size the best
+    # lrs are 6e-3 (an edge: 3e-3 is tried and loses), 2.5e-4 and 2e-3
+    # (an edge: 4e-3 loses); rho stays; no Lion, no half batch.
+    best = {"adamw": {"lr": 1.2e-2, "rho": None},
+            "sophia-g": {"lr": 2.5e-4, "rho": 0.05},
+            "sophia-h": {"lr": 1e-3, "rho": 3.2},
+            "sophia-g-half": {"lr": 2.5e-4, "rho": 0.05},
+            "lion": {"lr": 2e-3, "rho": None}}
+    (tmp_path / "compare.json").write_text(json.dumps(
+        {"best": best, "settings": {"model": "byte-s"}}))
+    args = compare.parse_args(["--transfer", str(tmp_path), "--seeds", "2",
+                               "--model", "byte-m"])
+    protocols, then, grids = compare.plan(args)
+    assert grids["contenders"] == ["sophia-g", "sophia-h", "adamw"]
+    assert grids["planned"] == 9
+    targets = {"adamw": 6e-3, "sophia-g": 2.5e-4, "sophia-h": 2e-3}
+    runner = _Finished(lambda s: abs(math.log2(s.lr / targets[s.contender])))
+    results = compare.drive(protocols, runner, then)
+    tuning = {}
+    for s in runner.trained:
+        if not s.seed and not s.steps:
+            tuning.setdefault(s.contender, []).append((s.lr, s.rho))
+    assert tuning == {
+        "adamw": [(6e-3, None), (1.2e-2, None), (2.4e-2, None),
+                  (3e-3, None)],
+        "sophia-g": [(1.25e-4, 0.05), (2.5e-4, 0.05), (5e-4, 0.05)],
+        "sophia-h": [(5e-4, 3.2), (1e-3, 3.2), (2e-3, 3.2), (4e-3, 3.2)]}
+    assert {name: (r["best"]["lr"], len(r["seeds"]))
+            for name, r in results.items()} == {
+        "adamw": (6e-3, 2), "sophia-g": (2.5e-4, 2), "sophia-h": (2e-3, 2)}
+    assert [r["steps"] for r in results["adamw"]["budgets"]] == [
+        1000, 1500, 3000, 4000]
+
+
+def test_bad_arguments_exit_with_status_2(capsys, tmp_path):
+    for argv in (["--steps", "30"], ["--seeds", "0"], ["--jobs", "-1"],
+                 ["--transfer", str(tmp_path)],
+                 ["--transfer", str(tmp_path), "--quick"]):
         with pytest.raises(SystemExit) as exit_:
             compare.parse_args(argv)
         assert exit_.value.code == 2

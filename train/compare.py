@@ -2,7 +2,7 @@
 against a tuned AdamW and Lion, under one protocol fixed before any result.
 
     python -m train.compare                  # byte-s on austen, ~90 min
-    python -m train.compare --model byte-m   # the larger byte-level size
+    python -m train.compare --model byte-m --transfer runs/compare --seeds 2
     python -m train.compare --data text:DIR --out runs/other
     python -m train.compare --quick          # smoke test, a few minutes
 
@@ -28,6 +28,14 @@ The protocol (BENCHMARKS.md says it in prose):
   loss matches a Sophia variant's mean final loss, interpolated in
   log(budget), is `speedup_vs_adamw` (the paper claims 2.0; below 1.0
   Sophia is worse; "not reached" below 0.5x, "above 2x" beyond 2x).
+
+`--transfer DIR` is the cheaper protocol for a second, larger model: the
+full one at byte-m would take ~6 hours here. It reads the finished
+comparison in DIR and gives AdamW, Sophia-G and Sophia-H (`TRANSFERRED`) a
+grid of three learning rates a factor of 2 apart centred on their best
+there, extended past an edge as above, at their rho from there (no rho
+sweep); the seeds and AdamW budgets are as above. Lion and the half-batch
+Sophia-G are left out.
 
 Runs go `--jobs` at a time in separate processes (default 2, one core
 each: on tiny models two one-thread runs get more done than one two-thread
@@ -104,6 +112,7 @@ QUICK = {"batch_size": 4, "block_size": 16, "hessian_interval": 2,
          "log_interval": 2, "jit": False}
 QUICK_LRS = {name: grid[2:3] for name, grid in LRS.items()}
 QUICK_RHOS = (0.05, 0.2)
+TRANSFERRED = ("sophia-g", "sophia-h", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,12 +320,24 @@ def parse_args(argv):
     parser.add_argument("--out", help="default: runs/compare(-quick)")
     parser.add_argument("--cache-dir", default=pretrain.Config.cache_dir,
                         help="the token cache")
+    parser.add_argument("--transfer", metavar="DIR",
+                        help="a finished comparison: tune only around its "
+                             "best settings (for a larger --model)")
     parser.add_argument("--quick", action="store_true",
                         help="one lr each, tiny batches and 8 steps: checks "
                              "that the program runs, not the answer")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 8 if args.quick else 2000
+    if args.transfer:
+        if args.quick:
+            parser.error("--transfer and --quick cannot be combined")
+        try:
+            args.transfer = json.loads(
+                (pathlib.Path(args.transfer) / "compare.json").read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--transfer: no readable compare.json in "
+                         f"{args.transfer} ({error})")
     for name in ("steps", "seeds", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer; got "
@@ -333,6 +354,48 @@ def _evaluations(quick):
     # Evaluations a run: every 1/20 of the steps (1/4 with --quick), so
     # that 0.5x, 0.75x, 1.5x and 2x the steps are whole intervals too.
     return 4 if quick else 20
+
+
+def plan(args):
+    """The protocols `drive` runs for these arguments: (protocols, then,
+    grids), where `grids` has the contenders, their lr grids, the rho grid
+    (or each Sophia's fixed rho under --transfer) and the planned number of
+    tuning runs."""
+    lrs, rhos = (QUICK_LRS, QUICK_RHOS) if args.quick else (LRS, RHOS)
+    extensions = 0 if args.quick else MAX_EXTENSIONS
+    contenders = list(CONTENDERS)
+    if args.transfer:
+        best = args.transfer["best"]
+        contenders = list(TRANSFERRED)
+        lrs = {name: (best[name]["lr"] / 2, best[name]["lr"],
+                      best[name]["lr"] * 2) for name in contenders}
+        rhos = {name: (best[name]["rho"],)
+                for name in contenders if name in SOPHIAS}
+    tuned = [name for name in contenders if name not in FOLLOWERS]
+    sophias = [name for name in tuned if name in SOPHIAS]
+
+    def rho_grid(name):
+        return rhos[name] if args.transfer else rhos
+
+    protocols = {name: tune(
+        name, lrs[name], rho_grid(name) if name in SOPHIAS else (),
+        args.seeds, extensions, args.steps,
+        rho=rho_grid(name)[0] if args.transfer and name in SOPHIAS
+        else RHO_START) for name in tuned}
+
+    def then(name, result):
+        # A follower takes its leader's best lr and rho, and its seeds.
+        best = result["best"]
+        return {follower: tune(follower, (best["lr"],), (best["rho"],),
+                               args.seeds, 0, args.steps, rho=best["rho"])
+                for follower, leader in FOLLOWERS.items()
+                if leader == name and follower in contenders}
+
+    planned = (sum(len(lrs[name]) for name in tuned)
+               + len([name for name in FOLLOWERS if name in contenders])
+               + sum(len(rho_grid(name)) - 1 for name in sophias))
+    return protocols, then, {"contenders": contenders, "lrs": lrs,
+                             "rhos": rhos, "planned": planned}
 
 
 def main(argv=None):
@@ -352,38 +415,26 @@ def main(argv=None):
         args.cache_dir), tokenizer_name=tokenizer)
     windows = len(val_ids) // (shared["block_size"] + 1)
     shared["eval_steps"] = windows // shared["batch_size"]
-    lrs, rhos = (QUICK_LRS, QUICK_RHOS) if args.quick else (LRS, RHOS)
-    extensions = 0 if args.quick else MAX_EXTENSIONS
-    tuned = [name for name in CONTENDERS if name not in FOLLOWERS]
-    planned = (sum(len(lrs[name]) for name in tuned) + len(FOLLOWERS)
-               + (len(rhos) - 1) * (len(SOPHIAS) - len(FOLLOWERS)))
-    print(f"{len(CONTENDERS)} contenders; at least {planned} tuning "
-          f"runs, {len(CONTENDERS) * (args.seeds - 1)} seed runs and "
+    protocols, then, grids = plan(args)
+    contenders = grids["contenders"]
+    print(f"{len(contenders)} contenders; at least {grids['planned']} "
+          f"tuning runs, {len(contenders) * (args.seeds - 1)} seed runs and "
           f"{len(BUDGETS) - 1} AdamW budget runs, {args.jobs} at a time; "
           f"results in {out}", flush=True)
     load = os.getloadavg()
     started = time.monotonic()
     runner = Runner(out, shared, args.jobs)
-    protocols = {name: tune(name, lrs[name], rhos, args.seeds, extensions,
-                            args.steps) for name in CONTENDERS
-                 if name not in FOLLOWERS}
-
-    def then(name, result):
-        # A follower takes its leader's best lr and rho, and its seeds.
-        best = result["best"]
-        return {follower: tune(follower, (best["lr"],), (best["rho"],),
-                               args.seeds, 0, args.steps, rho=best["rho"])
-                for follower, leader in FOLLOWERS.items() if leader == name}
-
     results = drive(protocols, runner, then)
-    results = {name: results[name] for name in CONTENDERS}
+    results = {name: results[name] for name in contenders}
     runner.pool.shutdown()
     runs = [future.result() for future in runner.futures.values()]
     report = compare_report.report(
-        results, runs, runner.flags, dict(shared, lrs=lrs, rhos=rhos, seeds=args.seeds,
-                              budgets=BUDGETS, min_lr_factor=MIN_LR_FACTOR,
-                              warmup_fraction=WARMUP_FRACTION,
-                              weight_decay=WEIGHT_DECAY, jobs=args.jobs),
+        results, runs, runner.flags, dict(
+            shared, lrs=grids["lrs"], rhos=grids["rhos"], seeds=args.seeds,
+            budgets=BUDGETS, min_lr_factor=MIN_LR_FACTOR,
+            warmup_fraction=WARMUP_FRACTION, weight_decay=WEIGHT_DECAY,
+            jobs=args.jobs, transferred_from=args.transfer
+            and args.transfer["settings"]["model"]),
         load_start=load, seconds=time.monotonic() - started)
     compare_report.write(report, results, runs, out)
     return report
