@@ -26,15 +26,17 @@ class EstimatorContext:
         model: The Keras model being trained.
         x, y, sample_weight: This replica's batch, or its leading slice
             when the optimizer's `hessian_batch_fraction` is below 1 (the
-            slice then gets a forward and backward pass of its own).
+            model is then called on the slice and on the rest separately,
+            so that passes below run through the slice only).
         y_pred: The model's output on `x` from the recorded training
             forward pass (the logits, for a language model). Free.
         variables: The trainable variables, in `model.trainable_weights`
             order; every list below follows it.
-        grads: The training gradients of this replica's own mean loss,
-            from the step's backward pass. Free, except that under loss
-            scaling or on several replicas the scale is divided out, one
-            parameter-sized copy.
+        grads: The training gradients of this replica's own mean loss
+            on `x`, from the step's backward pass. Free on the whole batch,
+            except that under loss scaling or on several replicas the scale
+            is divided out, one parameter-sized copy; on a slice, one
+            backward pass through the slice (`hvp` needs it too).
 
     Methods:
         vjp(cotangents): `sum(y_pred * cotangents)` differentiated with
@@ -62,7 +64,8 @@ class EstimatorContext:
     def __init__(self, model, x, y, sample_weight, y_pred, variables,
                  scaled_grads, scale, inner, outer, seed):
         # `inner` recorded the forward pass, `outer` the training gradient
-        # `scaled_grads`, of the loss times `scale` (loss scaling keeps
+        # `scaled_grads` (or a function that computes it on first use), of
+        # the loss times `scale` (loss scaling keeps
         # fp16 backward passes from underflowing, and Keras divides each
         # replica's loss by the number of replicas); the scale is undone
         # here, so an estimator sees this replica's own mean loss. `seed`
@@ -86,7 +89,7 @@ class EstimatorContext:
     def grads(self):
         return self._unscale(
             [None if g is None else tf.convert_to_tensor(g)
-             for g in self._scaled_grads],
+             for g in self._recorded_grads()],
             self._scale,
         )
 
@@ -122,7 +125,7 @@ class EstimatorContext:
         # c = s lost precision from s = 2^18.
         root = tf.sqrt(self._scale) if self._scaled else 1.0
         targets, cotangents = [], []
-        for grad, vector in zip(self._scaled_grads, vectors):
+        for grad, vector in zip(self._recorded_grads(), vectors):
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
@@ -136,6 +139,11 @@ class EstimatorContext:
         )
         products = [_dense(p) for p in products]
         return self._unscale(products, self._scale / root)
+
+    def _recorded_grads(self):
+        if callable(self._scaled_grads):
+            self._scaled_grads = self._scaled_grads()
+        return self._scaled_grads
 
     # Integer Philox draws, converted here: under XLA, TensorFlow's float
     # `stateless_uniform` / `stateless_normal` return other numbers than

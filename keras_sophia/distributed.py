@@ -8,18 +8,13 @@ same traffic as Keras), the optimizer is told not to reduce them again, and
 clipping, the finite check and the update all see the global gradient, which
 is identical on every replica.
 
-The Hessian refresh cannot synchronize inside the `tf.cond` that selects
-refresh steps (TensorFlow refuses `merge_call` in replica-context control
-flow), so each replica computes its estimator statistics under the cond
-(zeros on ordinary steps), one unconditional `merge_call` enters
-cross-replica context, and the cond there wraps the reduction and the
-update of `h`: the all-reduce runs on refresh steps only.
+The replicas' Hessian statistics are combined in `refresh.py`, the one
+place `h` changes.
 """
 
-import contextlib
-import threading
-
 import tensorflow as tf
+
+from keras_sophia import keras_internals
 
 
 def replica_context():
@@ -88,38 +83,13 @@ def all_reduce_gradients(replica, grads):
     return [None if g is None else next(reduced) for g in grads]
 
 
-# Per thread: MirroredStrategy traces each replica's step in its own thread.
-_tracing = threading.local()
-
-
-@contextlib.contextmanager
-def gradients_already_reduced(optimizer):
-    """Within: `optimizer.apply`, traced by this replica, skips its own
-    all-reduce. Outside (a user's own `apply`) it still reduces."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if "_all_reduce_sum_gradients" not in vars(inner):
-        reduce = inner._all_reduce_sum_gradients
-
-        def reduce_unless_done(grads_and_vars):
-            if getattr(_tracing, "reduced", False):
-                return list(grads_and_vars)
-            return reduce(grads_and_vars)
-
-        inner._all_reduce_sum_gradients = reduce_unless_done
-    _tracing.reduced = True
-    try:
-        yield
-    finally:
-        _tracing.reduced = False
-
-
 def apply(replica, optimizer, grads, variables):
     """`optimizer.apply`, told on several replicas that `grads` are
     already reduced."""
     if replica is None:
         optimizer.apply(grads, variables)
         return
-    with gradients_already_reduced(optimizer):
+    with keras_internals.gradients_already_reduced(optimizer):
         optimizer.apply(grads, variables)
 
 
@@ -148,82 +118,3 @@ def apply_if(condition, replica, optimizer, grads, variables):
         )
 
     replica.merge_call(decide, args=(condition, grads))
-
-
-def refresh_across_replicas(replica, sophia, is_refresh, refresh, ordinary,
-                            variables):
-    """`tf.cond(is_refresh, refresh, ordinary)` plus the cross-replica `h`
-    update. `refresh()` returns `(y_pred, grads, (sums, count))`,
-    `ordinary()` returns `(y_pred, grads)`; returns `(y_pred, grads)`."""
-    # Indices whose estimate reaches an h slot; found while tracing the
-    # refresh branch, which tf.cond traces before the ordinary one.
-    kept = []
-
-    def refresh_branch():
-        y_pred, grads, (sums, count) = refresh()
-        kept.extend(
-            i for i, (s, v) in enumerate(zip(sums, variables))
-            if s is not None and sophia.hessian_slot(v) is not None
-        )
-        # 1 where this replica's pass overflowed (fp16) or went NaN.
-        broken = 1.0 - tf.cast(all_finite(grads + sums), tf.float32)
-        return (y_pred, grads, [tf.cast(sums[i], tf.float32) for i in kept],
-                tf.cast(count, tf.float32), broken)
-
-    def ordinary_branch():
-        y_pred, grads = ordinary()
-        zeros = [tf.zeros(variables[i].shape, tf.float32) for i in kept]
-        return y_pred, grads, zeros, tf.constant(0.0), tf.constant(0.0)
-
-    y_pred, grads, sums, count, broken = tf.cond(
-        is_refresh, refresh_branch, ordinary_branch
-    )
-    slots = [sophia.hessian_slot(variables[i]).value for i in kept]
-
-    def update(strategy, is_refresh, sums, count, broken):
-        def reduce_and_update():
-            # Sums and counts add up over replicas; the estimator turns the
-            # totals into the estimate (GNB squares only after the sum).
-            totals = strategy.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM,
-                list(zip(sums, slots)) + [(count, slots[0]),
-                                          (broken, slots[0])],
-            )
-            # As on one device: a pass that overflowed on any replica (the
-            # loss-scale optimizer skips that step) leaves h alone, and
-            # since iterations does not advance the next batch refreshes.
-            tf.cond(
-                strategy.experimental_local_results(totals[-1])[0] == 0,
-                lambda: assign_all(totals[:-2], totals[-2]),
-                sophia.count_skipped_refresh,
-            )
-
-        def assign_all(totals, count):
-            for h, total in zip(slots, totals):
-                strategy.extended.update(
-                    h, _assign_ema, args=(total, count), group=False
-                )
-
-        def _assign_ema(h, total, count):
-            estimate = sophia.estimator.finalize([total], count)[0]
-            h.assign(sophia.hessian_ema(h, estimate))
-
-        if slots:
-            # Every replica holds the same flag (it comes from iterations).
-            refresh_here = strategy.experimental_local_results(is_refresh)[0]
-            tf.cond(refresh_here, reduce_and_update, lambda: None)
-
-    replica.merge_call(update, args=(is_refresh, sums, count, broken))
-    # The h updates above are traced: no missing-Hessian warning.
-    sophia._hessian_seen = True
-    return y_pred, grads
-
-
-def all_finite(tensors):
-    """Whether every entry of every tensor (or IndexedSlices) is finite."""
-    return tf.reduce_all([
-        tf.reduce_all(tf.math.is_finite(
-            t.values if isinstance(t, tf.IndexedSlices) else t
-        ))
-        for t in tensors if t is not None
-    ])

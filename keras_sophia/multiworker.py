@@ -1,7 +1,8 @@
 """`keras.Model.fit` under `tf.distribute.MultiWorkerMirroredStrategy`."""
 
 import tensorflow as tf
-from keras.src.backend.tensorflow import trainer as tf_trainer
+
+from keras_sophia import keras_internals
 
 
 class MultiWorkerFit:
@@ -72,7 +73,7 @@ class MultiWorkerFit:
     def _replica_axis_logs(self, step):
         # The very test `reduce_per_replica` uses to pick its multi-worker
         # branch, so the axis is added exactly when that branch removes it.
-        if not tf_trainer._collective_all_reduce_multi_worker(
+        if not keras_internals.collective_all_reduce_multi_worker(
             self.distribute_strategy
         ):
             return step

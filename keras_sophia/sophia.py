@@ -55,9 +55,10 @@ class Sophia(keras.optimizers.Optimizer):
             when `iterations % k == 0`. Defaults to `10`.
         hessian_batch_fraction: Share of each (per-replica) batch the
             Hessian is estimated on, in (0, 1]: the first
-            `max(1, floor(fraction * batch))` examples. Below 1 the refresh
-            runs its own forward and backward pass on that slice (cheaper,
-            noisier) instead of sharing the training pass. The paper's
+            `max(1, floor(fraction * batch))` examples. Below 1 the model
+            is called on the slice and the rest separately on refresh
+            steps, so the estimator's passes run through the slice only
+            (cheaper, noisier). The paper's
             GPT-2 runs used 240 of 480 examples, i.e. 0.5. Defaults to `1.0`.
         estimator: `"gnb"` (Gauss-Newton-Bartlett, Sophia-G),
             `"hutchinson"` (Sophia-H), or a `HessianEstimator` instance or

@@ -1,19 +1,16 @@
 """The Hessian-refreshing `train_step`: the TensorFlow-specific part.
 
-Everything that needs tapes or `tf.cond` lives here and in `context.py`
-(the estimator context, with its stateless draws); `sophia.py` and
-`estimators.py` use `keras.ops` only.
+Everything that needs tapes or `tf.cond` lives here, in `refresh.py` (the
+Hessian refresh) and in `context.py` (the estimator context, with its
+stateless draws); `sophia.py` and `estimators.py` use `keras.ops` only.
 """
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss
-from tensorflow.compiler.tf2xla.python import xla
-from tensorflow.python.framework import ops as tf_ops
 
 from keras_sophia import distributed
 from keras_sophia import estimators as estimators_lib
-from keras_sophia.context import EstimatorContext
+from keras_sophia import refresh
 from keras_sophia.multiworker import MultiWorkerFit
 from keras_sophia.sophia import Sophia
 
@@ -42,7 +39,8 @@ class SophiaTrainStep(MultiWorkerFit):
     non-finite gradient is skipped (`skipped_steps`), a non-finite estimate
     leaves `h` alone (`skipped_refreshes`); both counters are logged.
 
-    On more than one replica (see `keras_sophia.distributed`) gradients are
+    The refresh itself is `keras_sophia.refresh.HessianRefresh`. On more
+    than one replica (see `keras_sophia.distributed`) gradients are
     all-reduced before clipping and the update, for any optimizer, and the
     replicas' estimator statistics are combined before `h` changes. With
     one replica and an optimizer other than `Sophia` (or a
@@ -56,92 +54,41 @@ class SophiaTrainStep(MultiWorkerFit):
         return super().make_train_function(force)
 
     def train_step(self, data):
-        if not self.trainable_weights:
-            return super().train_step(data)
         sophia = _find_sophia(self.optimizer)
         replica = distributed.replica_context()
-        if sophia is None and replica is None:
+        if not self.trainable_weights or (sophia is None and replica is None):
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.trainable_weights
-
-        def ordinary():
-            tape = tf.GradientTape()
-            y_pred, loss = _training_loss(self, x, y, sample_weight, tape)
-            return y_pred, tape.gradient(loss, variables)
-
-        def refresh():
-            seed = _step_seed(sophia.seed, sophia._iterations)
-            fraction = sophia.hessian_batch_fraction
-            if fraction == 1.0:
-                return _refresh_pass(
-                    self, x, y, sample_weight, sophia.estimator, seed
-                )
-            # Estimate on a slice: a pass of its own over fewer examples
-            # costs less than reusing the full-batch pass.
-            y_pred, grads = ordinary()
-            part = _leading(fraction, (x, y, sample_weight))
-            _, _, statistics = _refresh_pass(
-                self, *part, sophia.estimator, seed, track_loss=False
-            )
-            return y_pred, grads, statistics
-
-        def refresh_and_update():
-            y_pred, grads, (sums, count) = refresh()
-            estimates = sophia.estimator.finalize(sums, count)
-            # LossScaleOptimizer skips a step whose gradients overflowed;
-            # its estimate (NaN/inf too, from the same pass) must not reach
-            # h, where the EMA would keep it for good. `iterations` does not
-            # advance, so the next batch refreshes instead.
-            tf.cond(
-                distributed.all_finite(grads + estimates),
-                lambda: sophia.update_hessian(estimates, variables),
-                sophia.count_skipped_refresh,
-            )
-            return y_pred, grads
-
-        if sophia is not None:
-            # The schedule is read from `iterations` inside the compiled
-            # step; a Python counter would be frozen when the step is traced.
-            is_refresh = sophia.should_refresh_hessian()
         if sophia is None:
-            y_pred, grads = ordinary()
-        elif replica is None:
-            y_pred, grads = tf.cond(is_refresh, refresh_and_update, ordinary)
+            y_pred, grads = refresh.forward_backward(
+                self, x, y, sample_weight)
         else:
-            y_pred, grads = distributed.refresh_across_replicas(
-                replica, sophia, is_refresh, refresh, ordinary, variables
-            )
+            y_pred, grads, is_refresh = refresh.HessianRefresh(self, sophia)(
+                x, y, sample_weight, replica)
         if replica is not None:
             distributed.check_optimizer(self.optimizer)
             grads = distributed.all_reduce_gradients(replica, grads)
         if sophia is None:
             distributed.apply(replica, self.optimizer, grads, variables)
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        # A NaN or Inf gradient never reaches m or the weights: the step is
+        # skipped and counted (a refresh on it has already left h alone).
+        # Under float16 loss scaling the LossScaleOptimizer skips it itself,
+        # and must, to lower its scale.
+        finite = refresh.all_finite(grads)
+        sophia.skipped_steps.assign_add(
+            tf.cast(tf.logical_not(finite), tf.int64))
+        if sophia is self.optimizer:
+            distributed.apply_if(finite, replica, sophia, grads, variables)
         else:
-            # A NaN or Inf gradient never reaches m or the weights: the step
-            # is skipped and counted (a refresh on it has already left h
-            # alone). Under float16 loss scaling the LossScaleOptimizer
-            # skips it itself, and must, to lower its scale.
-            finite = distributed.all_finite(grads)
-            sophia.skipped_steps.assign_add(
-                tf.cast(tf.logical_not(finite), tf.int64)
-            )
-            if sophia is self.optimizer:
-                distributed.apply_if(
-                    finite, replica, self.optimizer, grads, variables
-                )
-            else:
-                distributed.apply(replica, self.optimizer, grads, variables)
+            distributed.apply(replica, self.optimizer, grads, variables)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if sophia is not None:
-            tf.cond(is_refresh, sophia.update_diagnostics, lambda: None)
-            # As of the last refresh step; reading two scalars costs nothing.
-            logs["win_rate"] = tf.convert_to_tensor(sophia.win_rate)
-            logs["hessian_norm"] = tf.convert_to_tensor(sophia.hessian_norm)
-            logs["skipped_steps"] = tf.convert_to_tensor(sophia.skipped_steps)
-            logs["skipped_refreshes"] = tf.convert_to_tensor(
-                sophia.skipped_refreshes
-            )
+        tf.cond(is_refresh, sophia.update_diagnostics, lambda: None)
+        # As of the last refresh step; reading four scalars costs nothing.
+        for name in ("win_rate", "hessian_norm", "skipped_steps",
+                     "skipped_refreshes"):
+            logs[name] = tf.convert_to_tensor(getattr(sophia, name))
         return logs
 
 
@@ -173,95 +120,18 @@ def estimate_hessian(
             )
         estimator = sophia.estimator
     if isinstance(seed, int):
-        seed = _step_seed(seed, 0)
+        seed = refresh.step_seed(seed, 0)
     estimator = estimators_lib.get(estimator)
-    _, _, (sums, count) = _refresh_pass(
+    _, _, (sums, count) = refresh.gather(
         model, x, y, sample_weight, estimator, seed, track_loss=False
     )
     return estimator.finalize(sums, count)
-
-
-def _leading(fraction, data):
-    """The first `max(1, floor(fraction * batch))` examples of every
-    tensor in `data` (static sizes where the batch size is static, as XLA
-    wants)."""
-    first = next(t for t in tf.nest.flatten(data) if t is not None)
-    batch = first.shape[0]
-    if batch is None:
-        batch = tf.cast(tf.shape(first)[0], tf.float32)
-        size = tf.maximum(tf.cast(fraction * batch, tf.int32), 1)
-    else:
-        size = max(int(fraction * batch), 1)
-    return tf.nest.map_structure(
-        lambda t: None if t is None else t[:size], data
-    )
 
 
 def _find_sophia(optimizer):
     """The Sophia optimizer itself, or the one inside a loss-scale wrapper."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner if isinstance(inner, Sophia) else None
-
-
-def _step_seed(seed, iterations):
-    """Stateless seed (2,) from the optimizer seed and the step counter."""
-    return tf.stack(
-        [tf.constant(seed, tf.int64), tf.cast(iterations, tf.int64)]
-    )
-
-
-def _training_loss(model, x, y, sample_weight, tape, track_loss=True):
-    """Keras's forward pass and (scaled) loss, recorded on `tape`.
-
-    Mirrors `TensorFlowTrainer.train_step` line for line, so a step through
-    the mixin computes the same loss, metrics and loss scaling as Keras.
-    """
-    with tape:
-        if model._call_has_training_arg:
-            y_pred = model(x, training=True)
-        else:
-            y_pred = model(x)
-        loss = model._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-        if track_loss:
-            model._loss_tracker.update_state(
-                keras_loss.unscale_loss_for_distribution(loss),
-                sample_weight=tf.shape(
-                    next(i for i in tf.nest.flatten(x) if i is not None)
-                )[0],
-            )
-        if model.optimizer is not None:
-            loss = model.optimizer.scale_loss(loss)
-    return y_pred, loss
-
-
-def _refresh_pass(model, x, y, sample_weight, estimator, seed, track_loss=True):
-    """Forward, training gradient and the estimator's `(sums, count)` for
-    this replica, sharing one pass.
-
-    The inner tape records the forward pass (GNB differentiates the sampled
-    loss through it); the outer tape records the training gradient
-    (Hutchinson differentiates it once more). In a compiled step a tape
-    costs nothing unless a gradient is taken from it.
-    """
-    variables = model.trainable_weights
-    outer = tf.GradientTape(persistent=True)
-    inner = tf.GradientTape(persistent=True)
-    with outer:
-        y_pred, loss = _training_loss(
-            model, x, y, sample_weight, inner, track_loss
-        )
-        grads = inner.gradient(loss, variables)
-    # Undo loss scaling and Keras's 1 / replicas factor, so the estimator
-    # sees this replica's own mean loss.
-    scale = model.optimizer.scale_loss(1.0) if model.optimizer else 1.0
-    scale = scale / tf.distribute.get_strategy().num_replicas_in_sync
-    context = EstimatorContext(model, x, y, sample_weight, y_pred,
-                               variables, grads, scale, inner, outer, seed)
-    statistics = estimator.statistics(context)
-    del inner, outer
-    return y_pred, grads, statistics
 
 
 def _register_xla_dynamic_update_slice_gradient():
@@ -275,21 +145,22 @@ def _register_xla_dynamic_update_slice_gradient():
     incoming gradient at `indices`; the gradient to `operand` is the
     incoming gradient with that slice zeroed.
     """
-    try:
-        tf_ops.gradient_registry.lookup("XlaDynamicUpdateSlice")
-        return  # this TensorFlow registers its own
-    except LookupError:
-        pass
 
-    @tf.RegisterGradient("XlaDynamicUpdateSlice")
-    def _gradient(op, grad):
+    def gradient(op, grad):
         _, update, indices = op.inputs
-        update_shape = tf.shape(update, out_type=indices.dtype)
-        to_update = xla.dynamic_slice(grad, indices, update_shape)
-        to_operand = xla.dynamic_update_slice(
-            grad, tf.zeros_like(update), indices
-        )
+        start = tf.cast(indices, tf.int32)
+        size = tf.shape(update)
+        to_update = tf.slice(grad, start, size)
+        # The same slice of `grad` set to zero: subtract it, padded back to
+        # the full shape (exact: the slice cancels, the rest has 0 taken).
+        after = tf.shape(grad) - start - size
+        to_operand = grad - tf.pad(to_update, tf.stack([start, after], 1))
         return to_operand, to_update, None
+
+    try:
+        tf.RegisterGradient("XlaDynamicUpdateSlice")(gradient)
+    except KeyError:
+        pass  # a TensorFlow that registers its own
 
 
 _register_xla_dynamic_update_slice_gradient()

@@ -1,0 +1,80 @@
+"""Every private part of Keras that keras_sophia relies on, in one place.
+
+Keras has no public API for these; each is checked when this module is
+imported, so a Keras release that changes one fails here, naming it, and
+not deep inside a traced train step. `tests/test_keras_internals.py` checks
+that each still behaves as assumed.
+
+* `Model._loss_tracker`: the `Mean` metric that `fit` reports as `loss`;
+  `train_step` feeds it, and a custom `train_step` must too.
+* `Optimizer._all_reduce_sum_gradients(grads_and_vars)`: where a
+  TensorFlow optimizer all-reduces gradients inside `apply`; on several
+  replicas `SophiaTrainStep` reduces them earlier (before clipping) and
+  turns this one off while its own `apply` is traced.
+* `Model._maybe_symbolic_build(iterator, data_batch)` and
+  `Model._make_function(step)`, and `_collective_all_reduce_multi_worker`
+  of the TensorFlow trainer: `MultiWorkerFit` overrides the first two and
+  asks the third, exactly as Keras's `fit` does (see `multiworker.py`).
+"""
+
+import contextlib
+import threading
+
+import keras
+import tensorflow as tf
+from keras.src.backend.tensorflow import trainer as _tf_trainer
+
+
+def _require(owner, name, what):
+    if not hasattr(owner, name):
+        raise ImportError(
+            f"keras_sophia needs {what} (`{name}`), which Keras "
+            f"{keras.__version__} does not have; keras_sophia is tested with "
+            "Keras 3.8 to 3.15 (see setup.cfg)."
+        )
+    return getattr(owner, name)
+
+
+_require(keras.Model, "_maybe_symbolic_build", "Keras's fit-time build")
+_require(keras.Model, "_make_function", "Keras's step-function builder")
+_require(keras.optimizers.Optimizer, "_all_reduce_sum_gradients",
+         "the TensorFlow optimizer's gradient all-reduce")
+collective_all_reduce_multi_worker = _require(
+    _tf_trainer, "_collective_all_reduce_multi_worker",
+    "the TensorFlow trainer's multi-worker test")
+
+
+def track_loss(model, loss, x):
+    """Adds a step's loss to what `fit` logs as `loss`, weighted by the
+    batch size, as Keras's `train_step` does. `loss` is the loss of
+    `model.compute_loss`, which Keras divides by the number of replicas."""
+    tracker = _require(model, "_loss_tracker", "the model's loss metric")
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+    tracker.update_state(loss * tf.cast(replicas, loss.dtype),
+                         sample_weight=batch)
+
+
+# Per thread: MirroredStrategy traces each replica's step in its own thread.
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def gradients_already_reduced(optimizer):
+    """Within: `optimizer.apply`, traced by this replica, skips its own
+    all-reduce. Outside (a user's own `apply`) it still reduces."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if "_all_reduce_sum_gradients" not in vars(inner):
+        reduce = inner._all_reduce_sum_gradients
+
+        def reduce_unless_done(grads_and_vars):
+            if getattr(_tracing, "reduced", False):
+                return list(grads_and_vars)
+            return reduce(grads_and_vars)
+
+        inner._all_reduce_sum_gradients = reduce_unless_done
+    _tracing.reduced = True
+    try:
+        yield
+    finally:
+        _tracing.reduced = False
