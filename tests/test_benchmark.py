@@ -11,6 +11,18 @@ import pytest
 from train import benchmark
 
 
+def test_the_floors_price_a_refresh_by_its_extra_passes():
+    # Forward 1, backward 2: GNB adds a backward pass over the Hessian's
+    # share f (1 + 2f/3 steps), Hutchinson two gradients' worth (1 + 2f).
+    assert benchmark.floor("g", 1.0) == pytest.approx(5 / 3)
+    assert benchmark.floor("g", 0.5) == pytest.approx(4 / 3)
+    assert benchmark.floor("h", 0.5) == pytest.approx(2.0)
+    # One refresh in k = 10 steps: the issue's 1.067 and 1.033 for GNB.
+    assert benchmark.cycle_floor("g", 1.0) == pytest.approx(1.0667, abs=1e-4)
+    assert benchmark.cycle_floor("g", 0.5) == pytest.approx(1.0333, abs=1e-4)
+    assert benchmark.cycle_floor("h", 1.0) == pytest.approx(1.2)
+
+
 def test_sophia_keeps_as_much_state_as_adamw_and_twice_lion():
     # Sophia: m and h; AdamW: m and v; Lion: m. One float32 each per weight.
     assert benchmark.state_bytes() == {"sophia": 2.0, "adamw": 2.0,
@@ -35,6 +47,15 @@ def test_quick_mode_writes_every_figure(tmp_path):
         for key, (lo, hi) in ranges.items():
             assert 0 < lo <= ratios[key] <= hi, key
     assert result["state_bytes_per_param_bytes"]["sophia"] == 2.0
+    # Each variant's peak RSS, over AdamW's from its own fresh process.
+    peaks = result["peak_memory_bytes"]["graph"]
+    assert set(peaks) == set(benchmark.MEMORY_RUNS)
+    assert all(peak > 100e6 for peak in peaks.values())
+    memory = result["peak_memory_ratio_vs_adamw"]
+    assert memory["sophia_g_graph"] == peaks["sophia_g"] / peaks["adamw"]
+    load = result["load"]
+    assert len(load["load_average_start"]) == 3
+    assert isinstance(load["busy"], bool)
     table = (tmp_path / "bench.md").read_text()
     assert "| apply, 6,960,768 parameters (XLA) |" in table
     assert "refresh step" in table

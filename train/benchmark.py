@@ -17,14 +17,26 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   quarter of it.
   `step_time_ratio_range_sophia_{g,h}_vs_adamw`: the smallest and largest
   ratio of one cycle to AdamW's cycle of the same round, for the noise.
+* `step_time_floor_sophia_{g,h}`: the same ratio if a refresh cost only
+  its extra FLOPs (see `floor`), next to which the measured one is read.
+* `peak_memory_ratio_vs_adamw`: the peak resident memory of a short
+  `train.pretrain` run of each Sophia variant over AdamW's, each in a
+  fresh process (on CPU the process's peak RSS is the device's peak).
 * `state_bytes_per_param_bytes`: optimizer state per byte of parameters.
+* `load`: the load average at start and end, and the share of the CPUs
+  other processes used during the run; `busy` flags a run whose timings
+  load could have moved.
 """
 
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import keras
@@ -37,20 +49,62 @@ from models import gpt2
 # Default mode: GPT-2 small's variables for the update; the tiny GPT-2
 # (2 layers, width 128, GPT-2's vocabulary) at batch 16 x 64 tokens, the
 # pretraining default, for the step. --quick: smaller and fewer repeats.
+# XLA first: it is what GPUs and TPUs run, so it is the headline.
 MODES = {
     "full": {"apply_model": "125m", "apply_repeats": 15, "batch_size": 16,
              "block_size": 64, "cycles": 8, "warmup_cycles": 1,
-             "jit_compile": [False, True], "fractions": [1.0, 0.5, 0.25]},
+             "jit_compile": [True, False], "fractions": [1.0, 0.5, 0.25],
+             "memory_steps": 50, "memory_flags": []},
     # Every model traced costs ~30 s here, so few of them.
     "quick": {"apply_model": "tiny", "apply_repeats": 5, "batch_size": 2,
               "block_size": 16, "cycles": 2, "warmup_cycles": 1,
-              "jit_compile": [False], "fractions": [1.0, 0.5]},
+              "jit_compile": [False], "fractions": [1.0, 0.5],
+              "memory_steps": 2,
+              "memory_flags": ["--batch-size", "2", "--block-size", "16"]},
 }
 INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
 # Share of the batch the Hessian is estimated on: all of it, the paper's
 # half (240 of 480), and a quarter; and how results name them.
 FRACTIONS = {1.0: "", 0.5: "_half_batch", 0.25: "_quarter_batch"}
 LABELS = {False: "graph", True: "xla"}
+# The runs whose peak memory is measured, as `train.pretrain` flags.
+MEMORY_RUNS = {
+    "adamw": ["--optimizer", "adamw"],
+    "sophia_g": ["--optimizer", "sophia-g"],
+    "sophia_g_half_batch": ["--optimizer", "sophia-g",
+                            "--hessian-batch-fraction", "0.5"],
+    "sophia_h": ["--optimizer", "sophia-h"],
+    "sophia_h_half_batch": ["--optimizer", "sophia-h",
+                            "--hessian-batch-fraction", "0.5"],
+}
+# Targets of the XLA step ratios (the issue's, at k = 10), per estimator
+# and Hessian share; memory: within 10% of AdamW's in both modes.
+TARGETS = {("g", 1.0): 1.08, ("g", 0.5): 1.04,
+           ("h", 1.0): 1.20, ("h", 0.5): 1.10}
+MEMORY_TARGET = 1.10
+# Other processes using more than this share of the CPUs during the run,
+# or a 1-minute load average above this many runnable threads per CPU at
+# the start, mark the run busy.
+BUSY_SHARE = 0.05
+BUSY_LOAD_PER_CPU = 0.25
+
+
+def floor(estimator, fraction):
+    """A refresh step's cost in AdamW steps if it paid only for its FLOPs.
+
+    A step is a forward pass (1) and a backward pass (2). GNB adds one
+    backward pass through the sampled-label loss over the Hessian's share
+    f of the batch, the forward pass shared: 1 + 2f/3. Hutchinson adds one
+    Hessian-vector product on that share, about two gradient evaluations
+    (Pearlmutter 1994): 1 + 2f.
+    """
+    extra = 2 * fraction / 3 if estimator == "g" else 2 * fraction
+    return 1 + extra
+
+
+def cycle_floor(estimator, fraction):
+    """The floor of a whole k-step cycle, per step, over AdamW's."""
+    return 1 + (floor(estimator, fraction) - 1) / INTERVAL
 
 
 def sophia(estimator="gnb", fraction=1.0):
@@ -212,9 +266,94 @@ def machine():
     }
 
 
+def cpu_seconds():
+    """(seconds all CPUs were busy, seconds this process and its waited-for
+    children used); the first is None where /proc/stat is missing."""
+    own = sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None, own
+    # user nice system idle iowait irq softirq steal: all but idle, iowait.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK"), own
+
+
+def load(start, start_cpu, wall):
+    """The machine's load over the run, and whether it was busy."""
+    end = os.getloadavg()
+    (busy_start, own_start), (busy_end, own_end) = start_cpu, cpu_seconds()
+    cpus = os.cpu_count()
+    others = None
+    if busy_start is not None:
+        others = max(0.0, (busy_end - busy_start) - (own_end - own_start))
+        others /= wall * cpus
+    return {
+        "load_average_start": list(start),
+        "load_average_end": list(end),
+        "other_processes_cpu_share": others,
+        "busy": bool(start[0] > BUSY_LOAD_PER_CPU * cpus
+                     or (others is not None and others > BUSY_SHARE)),
+    }
+
+
+# Runs `train.pretrain` with the given flags, then writes the process's
+# peak RSS in bytes to the file named by its first argument. The child
+# reads its own high-water mark (VmHWM, per address space, reset by exec):
+# the kernel's ru_maxrss of a child also counts the parent's memory at
+# fork, which here is the benchmark's few GB.
+PEAK_RSS_CHILD = """
+import resource, runpy, sys
+out, sys.argv = sys.argv[1], ["train.pretrain"] + sys.argv[2:]
+runpy.run_module("train.pretrain", run_name="__main__")
+peak = None
+try:
+    with open("/proc/self/status") as f:
+        peak = [int(line.split()[1]) * 1024 for line in f
+                if line.startswith("VmHWM:")][0]
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open(out, "w") as f:
+    f.write(str(peak))
+"""
+
+
+def peak_memory(settings, jit):
+    """Peak RSS in bytes of a short `train.pretrain` run per optimizer
+    variant, each in a fresh process."""
+    steps = settings["memory_steps"]
+    peaks = {}
+    for name, flags in MEMORY_RUNS.items():
+        with tempfile.TemporaryDirectory() as out:
+            peak_file = os.path.join(out, "peak")
+            command = [
+                sys.executable, "-c", PEAK_RSS_CHILD, peak_file,
+                "--steps", str(steps), "--eval-interval", str(steps),
+                "--eval-steps", "2", "--warmup", "1",
+                "--out", os.path.join(out, "run"),
+                *flags, *settings["memory_flags"],
+            ] + (["--jit"] if jit else [])
+            child = subprocess.run(command, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+            if child.returncode != 0:
+                raise RuntimeError(
+                    f"{' '.join(command)} exited {child.returncode}:\n"
+                    + child.stderr[-2000:])
+            with open(peak_file) as f:
+                peaks[name] = int(f.read())
+    return peaks
+
+
 def run(mode):
     """Every measurement of `mode` ("full" or "quick"), as one dict."""
     settings = MODES[mode]
+    start, start_cpu, began = os.getloadavg(), cpu_seconds(), time.time()
+    print(f"load average at start: {start}", flush=True)
     parameters, applies = apply_times(
         settings["apply_model"], settings["apply_repeats"]
     )
@@ -224,11 +363,21 @@ def run(mode):
         label = LABELS[jit]
         steps[label] = step_times(settings, jit)
         print(f"train step ({label}): {steps[label]}", flush=True)
+    memory = {}
+    for jit in settings["jit_compile"]:
+        memory[LABELS[jit]] = peak_memory(settings, jit)
+        print(f"peak memory ({LABELS[jit]}): {memory[LABELS[jit]]}",
+              flush=True)
     result = {
         "apply_time_ratio_vs_adamw": applies["sophia"] / applies["adamw"],
     }
     for estimator in ("g", "h"):
         ratios, ranges = {}, {}
+        result[f"step_time_floor_sophia_{estimator}"] = {
+            FRACTIONS[f].lstrip("_") or "full_batch": cycle_floor(
+                estimator, f)
+            for f in settings["fractions"]
+        }
         for label, times in steps.items():
             for fraction in settings["fractions"]:
                 suffix = FRACTIONS[fraction]
@@ -243,64 +392,111 @@ def run(mode):
                 ranges[label + suffix] = [paired.min(), paired.max()]
         result[f"step_time_ratio_sophia_{estimator}_vs_adamw"] = ratios
         result[f"step_time_ratio_range_sophia_{estimator}_vs_adamw"] = ranges
+    result["peak_memory_ratio_vs_adamw"] = {
+        f"{name}_{label}": peaks[name] / peaks["adamw"]
+        for label, peaks in memory.items() for name in peaks
+        if name != "adamw"
+    }
     result["state_bytes_per_param_bytes"] = state_bytes()
     result["seconds"] = {"apply": applies, "train_step": steps}
+    result["peak_memory_bytes"] = memory
     result["settings"] = {"mode": mode, "apply_parameters": parameters,
                           "hessian_update_interval": INTERVAL, **settings}
     result["machine"] = machine()
+    result["load"] = load(start, start_cpu, time.time() - began)
+    print(f"load: {result['load']}", flush=True)
     return result
 
 
 def markdown(result):
-    """The result as a markdown table (ratios < 1: Sophia is cheaper)."""
+    """The result as markdown tables (ratios < 1: Sophia is cheaper)."""
+    settings = result["settings"]
+    busy = "BUSY machine: " if result["load"]["busy"] else ""
     rows = [
-        "| measure | Sophia / AdamW | one cycle's ratio, min-max | target |",
-        "|---|---|---|---|",
-        (f"| apply, {result['settings']['apply_parameters']:,} parameters "
-         f"(XLA) | {result['apply_time_ratio_vs_adamw']:.3f} | | <= 0.85 |"),
+        f"{busy}{load_line(result['load'])}",
+        "",
+        ("| measure | Sophia / AdamW | one cycle's ratio, min-max | "
+         "FLOP floor | target |"),
+        "|---|---|---|---|---|",
+        (f"| apply, {settings['apply_parameters']:,} parameters (XLA) | "
+         f"{result['apply_time_ratio_vs_adamw']:.3f} | | | <= 0.85 |"),
     ]
     names = {"": "full", "_half_batch": "half", "_quarter_batch": "quarter"}
-    for estimator, target in (("g", "1.03"), ("h", "1.08")):
-        ratios = result[f"step_time_ratio_sophia_{estimator}_vs_adamw"]
-        ranges = result[
-            f"step_time_ratio_range_sophia_{estimator}_vs_adamw"]
-        for label in map(LABELS.get, result["settings"]["jit_compile"]):
-            for fraction in result["settings"]["fractions"]:
+    for label in map(LABELS.get, settings["jit_compile"]):
+        for estimator in ("g", "h"):
+            ratios = result[f"step_time_ratio_sophia_{estimator}_vs_adamw"]
+            ranges = result[
+                f"step_time_ratio_range_sophia_{estimator}_vs_adamw"]
+            for fraction in settings["fractions"]:
                 suffix = FRACTIONS[fraction]
+                target = TARGETS.get((estimator, fraction))
+                target = f"<= {target}" if target and label == "xla" else ""
+                low, high = ranges[label + suffix]
                 rows.append(
                     f"| train step, Sophia-{estimator.upper()}, {label}, "
                     f"Hessian on the {names[suffix]} batch | "
-                    f"{ratios[label + suffix]:.3f} | "
-                    f"{ranges[label + suffix][0]:.2f}-"
-                    f"{ranges[label + suffix][1]:.2f} | <= {target} |"
+                    f"{ratios[label + suffix]:.3f} | {low:.2f}-{high:.2f} | "
+                    f"{cycle_floor(estimator, fraction):.3f} | {target} |"
                 )
+    for key, ratio in result["peak_memory_ratio_vs_adamw"].items():
+        rows.append(f"| peak memory, {key} | {ratio:.2f} | | | "
+                    f"<= {MEMORY_TARGET} |")
     state = result["state_bytes_per_param_bytes"]
     rows.append(
         "| state bytes per parameter byte (Sophia, AdamW, Lion) | "
         f"{state['sophia']:.2f}, {state['adamw']:.2f}, {state['lion']:.2f}"
-        " | | Sophia = AdamW |"
+        " | | | Sophia = AdamW |"
     )
-    return "\n".join(rows + ["", profile(result)]) + "\n"
+    return "\n".join(rows + ["", profile(result), "", memory_table(result)])
+
+
+def load_line(load):
+    start = ", ".join(f"{x:.2f}" for x in load["load_average_start"])
+    end = ", ".join(f"{x:.2f}" for x in load["load_average_end"])
+    share = load["other_processes_cpu_share"]
+    share = "unknown" if share is None else f"{100 * share:.1f}%"
+    return (f"Load average (1, 5, 15 min) at start {start}, at end {end}; "
+            f"other processes used {share} of the CPUs during the run.")
 
 
 def profile(result):
     """Where the step time goes: ordinary and refresh steps apart, in
-    milliseconds and in AdamW steps."""
+    milliseconds and in AdamW steps, the refresh next to its floor."""
     rows = [
         ("| optimizer | mode | ordinary step, ms (x AdamW) | refresh step, "
-         "ms (x AdamW) |"),
-        "|---|---|---|---|",
+         "ms (x AdamW) | refresh floor (x AdamW) |"),
+        "|---|---|---|---|---|",
     ]
+    fractions = {suffix: f for f, suffix in FRACTIONS.items()}
     for label, times in result["seconds"]["train_step"].items():
         base = times["adamw"]["step"]
         for name, t in times.items():
+            floor_text = ""
+            if name.startswith("sophia_"):
+                estimator, suffix = name[len("sophia_")], name[len("sophia_g"):]
+                floor_text = f"{floor(estimator, fractions[suffix]):.2f}"
             rows.append(
                 f"| {name} | {label} | {1e3 * t['ordinary_step']:.0f} "
                 f"({t['ordinary_step'] / base:.2f}) | "
                 f"{1e3 * t['refresh_step']:.0f} "
-                f"({t['refresh_step'] / base:.2f}) |"
+                f"({t['refresh_step'] / base:.2f}) | {floor_text} |"
             )
     return "\n".join(rows)
+
+
+def memory_table(result):
+    """Peak resident memory of each short training run, in GB."""
+    steps = result["settings"]["memory_steps"]
+    rows = [
+        f"| optimizer | mode | peak RSS of `train.pretrain --steps {steps}`, "
+        "GB (x AdamW) |",
+        "|---|---|---|",
+    ]
+    for label, peaks in result["peak_memory_bytes"].items():
+        for name, peak in peaks.items():
+            rows.append(f"| {name} | {label} | {peak / 1e9:.2f} "
+                        f"({peak / peaks['adamw']:.2f}) |")
+    return "\n".join(rows) + "\n"
 
 
 def main(argv=None):
