@@ -75,17 +75,14 @@ class HessianRefresh:
         """Checks and updates `h` from the combined statistics (see the
         module docstring); `on_each_replica(fn, *args)` runs the update on
         every replica's copy (default: here)."""
+        run = on_each_replica or (lambda fn, *args: fn(*args))
+
         def update(sums, count):
             estimates = self.sophia.estimator.finalize(sums, count)
             self.sophia.update_hessian(estimates, self.variables)
 
-        def update_everywhere():
-            if on_each_replica is None:
-                update(sums, count)
-            else:
-                on_each_replica(update, sums, count)
-
-        tf.cond(finite, update_everywhere, self.sophia.count_skipped_refresh)
+        tf.cond(finite, lambda: run(update, sums, count),
+                self.sophia.count_skipped_refresh)
 
     def _across(self, replica, is_refresh, ordinary, x, y, sample_weight):
         # Which statistics reach an `h` slot is known only once the

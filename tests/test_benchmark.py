@@ -53,9 +53,21 @@ def test_quick_mode_writes_every_figure(tmp_path):
     assert all(peak > 100e6 for peak in peaks.values())
     memory = result["peak_memory_ratio_vs_adamw"]
     assert memory["sophia_g_graph"] == peaks["sophia_g"] / peaks["adamw"]
+    # A Hessian-vector product costs more than the gradient alone.
+    for way, ratio in result["hvp_time_in_gradients"].items():
+        assert ratio > 1.0, way
     load = result["load"]
     assert len(load["load_average_start"]) == 3
     assert isinstance(load["busy"], bool)
     table = (tmp_path / "bench.md").read_text()
     assert "| apply, 6,960,768 parameters (XLA) |" in table
     assert "refresh step" in table
+
+
+@pytest.mark.parametrize("parts", ["", "apply,steps", ","])
+def test_an_unknown_part_exits_2_with_one_line(parts, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--quick", "--parts", parts])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--parts" in error and "apply, step, memory, hvp" in error

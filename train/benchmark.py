@@ -3,6 +3,7 @@
     python -m train.benchmark                  # the numbers in BENCHMARKS.md
     python -m train.benchmark --quick          # a few minutes (smoke test)
     python -m train.benchmark --out FILE.json  # default: benchmark.json
+    python -m train.benchmark --parts step,hvp # only some measurements
 
 Every figure is the median of repeated timings after warm-up, and every
 ratio divides two medians measured in this process, turn about (Sophia,
@@ -22,6 +23,9 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
 * `peak_memory_ratio_vs_adamw`: the peak resident memory of a short
   `train.pretrain` run of each Sophia variant over AdamW's, each in a
   fresh process (on CPU the process's peak RSS is the device's peak).
+* `hvp_time_in_gradients`: a training gradient with one Hessian-vector
+  product (Sophia-H's refresh), in training gradients, made reverse over
+  reverse (what `EstimatorContext.hvp` does) and forward over reverse.
 * `state_bytes_per_param_bytes`: optimizer state per byte of parameters.
 * `load`: the load average at start and end, and the share of the CPUs
   other processes used during the run; `busy` flags a run whose timings
@@ -54,13 +58,14 @@ MODES = {
     "full": {"apply_model": "125m", "apply_repeats": 15, "batch_size": 16,
              "block_size": 64, "cycles": 8, "warmup_cycles": 1,
              "jit_compile": [True, False], "fractions": [1.0, 0.5, 0.25],
-             "memory_steps": 50, "memory_flags": []},
+             "memory_steps": 50, "memory_flags": [], "hvp_repeats": 20},
     # Every model traced costs ~30 s here, so few of them.
     "quick": {"apply_model": "tiny", "apply_repeats": 5, "batch_size": 2,
               "block_size": 16, "cycles": 2, "warmup_cycles": 1,
               "jit_compile": [False], "fractions": [1.0, 0.5],
               "memory_steps": 2,
-              "memory_flags": ["--batch-size", "2", "--block-size", "16"]},
+              "memory_flags": ["--batch-size", "2", "--block-size", "16"],
+              "hvp_repeats": 3},
 }
 INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
 # Share of the batch the Hessian is estimated on: all of it, the paper's
@@ -82,9 +87,9 @@ MEMORY_RUNS = {
 TARGETS = {("g", 1.0): 1.08, ("g", 0.5): 1.04,
            ("h", 1.0): 1.20, ("h", 0.5): 1.10}
 MEMORY_TARGET = 1.10
-# Other processes using more than this share of the CPUs during the run,
-# or a 1-minute load average above this many runnable threads per CPU at
-# the start, mark the run busy.
+# Other processes using more than this share of the CPUs during the run
+# (or, where that is unknown, a 1-minute load average above this many
+# runnable threads per CPU at the start) mark the run busy.
 BUSY_SHARE = 0.05
 BUSY_LOAD_PER_CPU = 0.25
 
@@ -230,6 +235,74 @@ def step_times(settings, jit):
     return result
 
 
+def hvp_times(settings):
+    """Median seconds of one XLA-compiled training gradient, and of the
+    gradient with one Hessian-vector product by each of the two ways of
+    making it: reverse over reverse (differentiate <grad, v> once more, as
+    `EstimatorContext.hvp` does) and forward over reverse (push v through
+    the forward and backward pass with `tf.autodiff.ForwardAccumulator`,
+    which needs v before the pass starts)."""
+    batch, block = settings["batch_size"], settings["block_size"]
+    keras.utils.set_random_seed(0)
+    model = gpt2.build("tiny", block_size=block)
+    variables = model.trainable_variables
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, gpt2.VOCAB_SIZE, size=(batch, block + 1))
+    x = {"token_ids": tf.constant(tokens[:, :-1]),
+         "padding_mask": tf.ones((batch, block), tf.int32)}
+    y = tf.constant(tokens[:, 1:])
+    probes = [tf.constant(rng.choice([-1.0, 1.0], size=v.shape), tf.float32)
+              for v in variables]
+
+    # The batch and probes are arguments, not captured constants, so XLA
+    # cannot fold part of the passes away.
+    def loss_of(x, y):
+        return loss_fn(y, model(x, training=True))
+
+    def dense(t):
+        return tf.convert_to_tensor(t)
+
+    @tf.function(jit_compile=True)
+    def gradient(x, y, probes):
+        with tf.GradientTape() as tape:
+            loss = loss_of(x, y)
+        return [dense(g) for g in tape.gradient(loss, variables)]
+
+    @tf.function(jit_compile=True)
+    def reverse_over_reverse(x, y, probes):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = loss_of(x, y)
+            grads = [dense(g) for g in inner.gradient(loss, variables)]
+        return grads, outer.gradient(grads, variables,
+                                     output_gradients=probes)
+
+    @tf.function(jit_compile=True)
+    def forward_over_reverse(x, y, probes):
+        # The accumulator watches TensorFlow variables: each Keras
+        # variable's `.value`.
+        with tf.autodiff.ForwardAccumulator(
+                [v.value for v in variables], probes) as forward:
+            with tf.GradientTape() as tape:
+                loss = loss_of(x, y)
+            grads = [dense(g) for g in tape.gradient(loss, variables)]
+        return grads, forward.jvp(grads)
+
+    def timer(function):
+        def run():
+            tf.nest.map_structure(
+                lambda t: None if t is None else t.numpy(),
+                function(x, y, probes))
+        return run
+
+    return alternate({
+        "gradient": timer(gradient),
+        "reverse_over_reverse": timer(reverse_over_reverse),
+        "forward_over_reverse": timer(forward_over_reverse),
+    }, settings["hvp_repeats"])
+
+
 def state_bytes():
     """Bytes of per-parameter optimizer state per byte of parameters
     (scalars such as `iterations` left out: a few bytes in all)."""
@@ -297,8 +370,11 @@ def load(start, start_cpu, wall):
         "load_average_start": list(start),
         "load_average_end": list(end),
         "other_processes_cpu_share": others,
-        "busy": bool(start[0] > BUSY_LOAD_PER_CPU * cpus
-                     or (others is not None and others > BUSY_SHARE)),
+        # The load average also counts this program's own threads, and
+        # for a minute or two whatever ran just before it; the CPU share
+        # of other processes does not, so it decides where it is known.
+        "busy": bool(others > BUSY_SHARE if others is not None
+                     else start[0] > BUSY_LOAD_PER_CPU * cpus),
     }
 
 
@@ -349,28 +425,65 @@ def peak_memory(settings, jit):
     return peaks
 
 
-def run(mode):
-    """Every measurement of `mode` ("full" or "quick"), as one dict."""
+PARTS = ("apply", "step", "memory", "hvp")
+
+
+def run(mode, parts=PARTS):
+    """The measurements `parts` of `mode` ("full" or "quick"), as one
+    dict."""
     settings = MODES[mode]
     start, start_cpu, began = os.getloadavg(), cpu_seconds(), time.time()
     print(f"load average at start: {start}", flush=True)
-    parameters, applies = apply_times(
-        settings["apply_model"], settings["apply_repeats"]
-    )
-    print(f"apply on {parameters:,} parameters: {applies}", flush=True)
-    steps = {}
-    for jit in settings["jit_compile"]:
-        label = LABELS[jit]
-        steps[label] = step_times(settings, jit)
-        print(f"train step ({label}): {steps[label]}", flush=True)
-    memory = {}
-    for jit in settings["jit_compile"]:
-        memory[LABELS[jit]] = peak_memory(settings, jit)
-        print(f"peak memory ({LABELS[jit]}): {memory[LABELS[jit]]}",
+    result, seconds = {}, {}
+    if "apply" in parts:
+        parameters, seconds["apply"] = apply_times(
+            settings["apply_model"], settings["apply_repeats"])
+        print(f"apply on {parameters:,} parameters: {seconds['apply']}",
               flush=True)
-    result = {
-        "apply_time_ratio_vs_adamw": applies["sophia"] / applies["adamw"],
-    }
+        result["apply_time_ratio_vs_adamw"] = (
+            seconds["apply"]["sophia"] / seconds["apply"]["adamw"])
+        settings = {**settings, "apply_parameters": parameters}
+    if "step" in parts:
+        seconds["train_step"] = {}
+        for jit in settings["jit_compile"]:
+            label = LABELS[jit]
+            seconds["train_step"][label] = step_times(settings, jit)
+            print(f"train step ({label}): {seconds['train_step'][label]}",
+                  flush=True)
+        result.update(step_ratios(settings, seconds["train_step"]))
+    if "memory" in parts:
+        memory = {}
+        for jit in settings["jit_compile"]:
+            memory[LABELS[jit]] = peak_memory(settings, jit)
+            print(f"peak memory ({LABELS[jit]}): {memory[LABELS[jit]]}",
+                  flush=True)
+        result["peak_memory_ratio_vs_adamw"] = {
+            f"{name}_{label}": peaks[name] / peaks["adamw"]
+            for label, peaks in memory.items() for name in peaks
+            if name != "adamw"
+        }
+        result["peak_memory_bytes"] = memory
+    if "hvp" in parts:
+        seconds["hvp"] = hvp_times(settings)
+        print(f"Hessian-vector products: {seconds['hvp']}", flush=True)
+        result["hvp_time_in_gradients"] = {
+            way: seconds["hvp"][way] / seconds["hvp"]["gradient"]
+            for way in ("reverse_over_reverse", "forward_over_reverse")
+        }
+    result["state_bytes_per_param_bytes"] = state_bytes()
+    result["seconds"] = seconds
+    result["settings"] = {"mode": mode, "parts": list(parts),
+                          "hessian_update_interval": INTERVAL, **settings}
+    result["machine"] = machine()
+    result["load"] = load(start, start_cpu, time.time() - began)
+    print(f"load: {result['load']}", flush=True)
+    return result
+
+
+def step_ratios(settings, steps):
+    """Each Sophia variant's step time over AdamW's, with the range of
+    one cycle's ratio and the FLOP floor."""
+    result = {}
     for estimator in ("g", "h"):
         ratios, ranges = {}, {}
         result[f"step_time_floor_sophia_{estimator}"] = {
@@ -392,19 +505,6 @@ def run(mode):
                 ranges[label + suffix] = [paired.min(), paired.max()]
         result[f"step_time_ratio_sophia_{estimator}_vs_adamw"] = ratios
         result[f"step_time_ratio_range_sophia_{estimator}_vs_adamw"] = ranges
-    result["peak_memory_ratio_vs_adamw"] = {
-        f"{name}_{label}": peaks[name] / peaks["adamw"]
-        for label, peaks in memory.items() for name in peaks
-        if name != "adamw"
-    }
-    result["state_bytes_per_param_bytes"] = state_bytes()
-    result["seconds"] = {"apply": applies, "train_step": steps}
-    result["peak_memory_bytes"] = memory
-    result["settings"] = {"mode": mode, "apply_parameters": parameters,
-                          "hessian_update_interval": INTERVAL, **settings}
-    result["machine"] = machine()
-    result["load"] = load(start, start_cpu, time.time() - began)
-    print(f"load: {result['load']}", flush=True)
     return result
 
 
@@ -418,17 +518,22 @@ def markdown(result):
         ("| measure | Sophia / AdamW | one cycle's ratio, min-max | "
          "FLOP floor | target |"),
         "|---|---|---|---|---|",
-        (f"| apply, {settings['apply_parameters']:,} parameters (XLA) | "
-         f"{result['apply_time_ratio_vs_adamw']:.3f} | | | <= 0.85 |"),
     ]
+    if "apply_time_ratio_vs_adamw" in result:
+        rows.append(
+            f"| apply, {settings['apply_parameters']:,} parameters (XLA) | "
+            f"{result['apply_time_ratio_vs_adamw']:.3f} | | | <= 0.85 |")
     names = {"": "full", "_half_batch": "half", "_quarter_batch": "quarter"}
     for label in map(LABELS.get, settings["jit_compile"]):
         for estimator in ("g", "h"):
-            ratios = result[f"step_time_ratio_sophia_{estimator}_vs_adamw"]
-            ranges = result[
-                f"step_time_ratio_range_sophia_{estimator}_vs_adamw"]
+            ratios = result.get(
+                f"step_time_ratio_sophia_{estimator}_vs_adamw", {})
+            ranges = result.get(
+                f"step_time_ratio_range_sophia_{estimator}_vs_adamw", {})
             for fraction in settings["fractions"]:
                 suffix = FRACTIONS[fraction]
+                if label + suffix not in ratios:
+                    continue
                 target = TARGETS.get((estimator, fraction))
                 target = f"<= {target}" if target and label == "xla" else ""
                 low, high = ranges[label + suffix]
@@ -438,7 +543,7 @@ def markdown(result):
                     f"{ratios[label + suffix]:.3f} | {low:.2f}-{high:.2f} | "
                     f"{cycle_floor(estimator, fraction):.3f} | {target} |"
                 )
-    for key, ratio in result["peak_memory_ratio_vs_adamw"].items():
+    for key, ratio in result.get("peak_memory_ratio_vs_adamw", {}).items():
         rows.append(f"| peak memory, {key} | {ratio:.2f} | | | "
                     f"<= {MEMORY_TARGET} |")
     state = result["state_bytes_per_param_bytes"]
@@ -447,7 +552,28 @@ def markdown(result):
         f"{state['sophia']:.2f}, {state['adamw']:.2f}, {state['lion']:.2f}"
         " | | | Sophia = AdamW |"
     )
-    return "\n".join(rows + ["", profile(result), "", memory_table(result)])
+    sections = [rows]
+    if "train_step" in result["seconds"]:
+        sections.append([profile(result)])
+    if "peak_memory_bytes" in result:
+        sections.append([memory_table(result)])
+    if "hvp_time_in_gradients" in result:
+        sections.append([hvp_table(result)])
+    return "\n\n".join("\n".join(rows) for rows in sections) + "\n"
+
+
+def hvp_table(result):
+    """The two ways of making a Hessian-vector product, in gradients."""
+    seconds = result["seconds"]["hvp"]
+    rows = [
+        "| XLA, tiny GPT-2 | ms | x the training gradient |",
+        "|---|---|---|",
+        f"| training gradient | {1e3 * seconds['gradient']:.0f} | 1.00 |",
+    ]
+    for way, ratio in result["hvp_time_in_gradients"].items():
+        rows.append(f"| gradient and H v, {way.replace('_', ' ')} | "
+                    f"{1e3 * seconds[way]:.0f} | {ratio:.2f} |")
+    return "\n".join(rows)
 
 
 def load_line(load):
@@ -496,7 +622,17 @@ def memory_table(result):
         for name, peak in peaks.items():
             rows.append(f"| {name} | {label} | {peak / 1e9:.2f} "
                         f"({peak / peaks['adamw']:.2f}) |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows)
+
+
+def parts_list(text):
+    """The `--parts` value as a tuple, or an argparse error naming them."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: each part must be one of {', '.join(PARTS)}")
+    return tuple(parts)
 
 
 def main(argv=None):
@@ -505,8 +641,11 @@ def main(argv=None):
                         help="small sizes and few repeats (minutes)")
     parser.add_argument("--out", default="benchmark.json",
                         help="the JSON file; the table goes next to it (.md)")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), type=parts_list,
+        help=f"comma-separated, any of {', '.join(PARTS)} (default: all)")
     args = parser.parse_args(argv)
-    result = run("quick" if args.quick else "full")
+    result = run("quick" if args.quick else "full", args.parts)
     table = markdown(result)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
