@@ -11,6 +11,10 @@ that each still behaves as assumed.
   TensorFlow optimizer all-reduces gradients inside `apply`; on several
   replicas `SophiaTrainStep` reduces them earlier (before clipping) and
   turns this one off while its own `apply` is traced.
+* `Optimizer._clip_gradients(grads)`: where `apply` clips (`clipnorm`,
+  `clipvalue`, `global_clipnorm`); `train.pretrain` puts there the same
+  global-norm clipping plus a record of the norm and of how often it
+  clipped, which Keras computes and drops.
 * `Model._maybe_symbolic_build(iterator, data_batch)` and
   `Model._make_function(step)`, and `_collective_all_reduce_multi_worker`
   of the TensorFlow trainer: `MultiWorkerFit` overrides the first two and
@@ -37,6 +41,8 @@ def _require(owner, name, what):
 
 _require(keras.Model, "_maybe_symbolic_build", "Keras's fit-time build")
 _require(keras.Model, "_make_function", "Keras's step-function builder")
+_require(keras.optimizers.Optimizer, "_clip_gradients",
+         "the optimizer's gradient clipping")
 _require(keras.optimizers.Optimizer, "_all_reduce_sum_gradients",
          "the TensorFlow optimizer's gradient all-reduce")
 collective_all_reduce_multi_worker = _require(
@@ -53,6 +59,13 @@ def track_loss(model, loss, x):
     batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
     tracker.update_state(loss * tf.cast(replicas, loss.dtype),
                          sample_weight=batch)
+
+
+def replace_gradient_clipping(optimizer, clip):
+    """`optimizer.apply` clips with `clip(grads) -> grads` in place of
+    its own clipping, at the same point of the update."""
+    optimizer._clip_gradients = clip
+    return optimizer
 
 
 # Per thread: MirroredStrategy traces each replica's step in its own thread.

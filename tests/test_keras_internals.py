@@ -61,3 +61,20 @@ def test_fit_builds_through_the_methods_multiworkerfit_overrides():
 def test_the_multi_worker_test_is_false_without_workers():
     assert not keras_internals.collective_all_reduce_multi_worker(
         tf.distribute.get_strategy())
+
+
+def test_apply_clips_through_the_replaced_clipping():
+    # SGD at lr 1 from w = [1, 2] with g = [3, 4] clipped to [0.3, 0.4]
+    # (a tenth, as global norm 0.5 of norm 5 does): w = [0.7, 1.6].
+    seen = []
+
+    def clip(grads):
+        seen.append(len(grads))
+        return [g * 0.1 for g in grads]
+
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = keras.optimizers.SGD(1.0)
+    keras_internals.replace_gradient_clipping(optimizer, clip)
+    optimizer.apply([tf.constant([3.0, 4.0])], [variable])
+    assert seen == [1]
+    np.testing.assert_allclose(variable.numpy(), [0.7, 1.6], rtol=1e-6)

@@ -10,6 +10,8 @@ variables: the last norm and a running count of clipped steps.
 import keras
 from keras import ops
 
+from keras_sophia import keras_internals
+
 
 def track_global_clipping(optimizer, clipnorm):
     """Clips `optimizer`'s gradients to global norm `clipnorm` and adds
@@ -35,5 +37,4 @@ def track_global_clipping(optimizer, clipnorm):
         return [None if g is None else g * ops.cast(scale, g.dtype)
                 for g in grads]
 
-    optimizer._clip_gradients = clip
-    return optimizer
+    return keras_internals.replace_gradient_clipping(optimizer, clip)
