@@ -8,6 +8,7 @@ import json
 import pytest
 
 from train import configs
+from train import data
 from train import pretrain
 
 PROG = "python -m train.pretrain: error: "
@@ -113,7 +114,7 @@ def test_valid_settings_keep_their_names_and_defaults():
         "rho": 0.05, "weight_decay": 0.2, "grad_clip": 1.0,
         "hessian_interval": 10, "hessian_batch_fraction": 1.0,
         "beta_1": None, "beta_2": None, "eval_interval": 50,
-        "eval_steps": 20, "log_interval": 10, "strategy": "default",
+        "eval_steps": None, "log_interval": 10, "strategy": "default",
         "tpu": None, "precision": "float32", "jit": False, "seed": 0,
         "deterministic": False, "val_fraction": 0.05,
         "cache_dir": "~/.cache/keras_sophia", "data_dir": None,
@@ -147,6 +148,21 @@ def test_help_lists_every_setting_in_a_group_with_its_default(capsys):
         flag = "--" + field.name.replace("_", "-")
         assert text.count(f"  {flag} ") == 1, flag
     assert "(default: 50)" in text and "(default: sophia-g)" in text
+
+
+def test_the_default_command_fits_the_embedded_corpus(tmp_path):
+    # `python -m train.pretrain` as the README runs it: the embedded
+    # corpus's validation split (12,963 GPT-2 tokens) holds 12 batches of
+    # 16 x (64 + 1) tokens, fewer than the default 20, so the default
+    # evaluates on those 12; an explicit larger value is an error (below).
+    config = pretrain.parse_config([])
+    train_ids, val_ids = data.load_tokens(
+        config.data, str(tmp_path), val_fraction=config.val_fraction,
+        tokenizer_name=config.tokenizer)
+    assert pretrain._check_splits(config, train_ids, val_ids) == min(
+        pretrain.EVAL_STEPS, len(val_ids) // 65 // 16)
+    config = pretrain.parse_config(["--eval-steps", "3"])
+    assert pretrain._check_splits(config, train_ids, val_ids) == 3
 
 
 def test_a_split_too_small_for_the_batches_exits_2_and_writes_nothing(

@@ -36,6 +36,8 @@ from train import tokenizer
 
 OPTIMIZERS = ("sophia-g", "sophia-h", "adamw", "lion")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# Validation batches per evaluation when --eval-steps is not given.
+EVAL_STEPS = 20
 # --help lists the settings in these groups, in this order.
 GROUPS = ("model", "data", "optimizer", "schedule", "distribution", "run")
 
@@ -80,7 +82,8 @@ class Config:
         "schedule", 50, "steps between validation and checkpoints; the "
         "last interval is shorter when it does not divide --steps")
     eval_steps: int = _setting(
-        "schedule", 20, "validation batches per evaluation")
+        "schedule", None, f"validation batches per evaluation; None: "
+        f"{EVAL_STEPS}, or all the validation split holds if fewer")
     log_interval: int = _setting(
         "schedule", 10, "steps between lines of metrics.jsonl")
     strategy: str = _setting(
@@ -107,9 +110,10 @@ class Config:
 
 # (settings, the test each must pass, what the test allows)
 _RANGES = (
-    (("steps", "batch_size", "block_size", "eval_interval", "eval_steps",
+    (("steps", "batch_size", "block_size", "eval_interval",
       "log_interval", "hessian_interval", "lr", "rho"),
      lambda value: value > 0, "> 0"),
+    (("eval_steps",), lambda value: value is None or value > 0, "> 0"),
     (("warmup", "weight_decay", "grad_clip"),
      lambda value: value >= 0, ">= 0"),
     (("hessian_batch_fraction",), lambda value: 0 < value <= 1, "in (0, 1]"),
@@ -234,7 +238,8 @@ def _readable(source):
 
 def _check_splits(config, train_ids, val_ids):
     """Exits as argparse does if a split holds too few batches: a check
-    that needs the tokens, made before anything goes into --out."""
+    that needs the tokens, made before anything goes into --out. Returns
+    the number of validation batches per evaluation."""
     window = config.block_size + 1  # a block and its last target
     blocks = len(train_ids) // window
     if config.batch_size > blocks:
@@ -244,6 +249,10 @@ def _check_splits(config, train_ids, val_ids):
             f"--block-size {config.block_size} tokens (+ 1 target); "
             f"got {config.batch_size}")
     batches = len(val_ids) // window // config.batch_size
+    if config.eval_steps is None:
+        # The embedded corpus's validation split holds 12 batches at the
+        # default batch and block: the default takes what there is.
+        return min(EVAL_STEPS, batches)
     if config.eval_steps > batches:
         _parser().error(
             f"--eval-steps must be at most {batches}: the validation split "
@@ -251,6 +260,7 @@ def _check_splits(config, train_ids, val_ids):
             f"--batch-size {config.batch_size} blocks of --block-size "
             f"{config.block_size} tokens (+ 1 target); "
             f"got {config.eval_steps}")
+    return config.eval_steps
 
 
 def no_decay(variables):
@@ -513,7 +523,7 @@ def main(argv=None):
         val_fraction=config.val_fraction, data_dir=config.data_dir,
         manual_dir=config.manual_dir, tokenizer_name=config.tokenizer,
     )
-    _check_splits(config, train_ids, val_ids)
+    eval_steps = _check_splits(config, train_ids, val_ids)
     if chief:
         out.mkdir(parents=True, exist_ok=True)
         _write_atomically(out / "config.json",
@@ -554,7 +564,7 @@ def main(argv=None):
 
     val_data = data.make_dataset(
         val_ids, config.block_size, config.batch_size
-    ).take(config.eval_steps)
+    ).take(eval_steps)
     # Every worker stops at the same step and shows a bar; only the chief
     # writes.
     callbacks = [StopAt(config.steps)]
