@@ -260,21 +260,20 @@ def hvp_times(settings):
     def loss_of(x, y):
         return loss_fn(y, model(x, training=True))
 
-    def dense(t):
-        return tf.convert_to_tensor(t)
-
     @tf.function(jit_compile=True)
     def gradient(x, y, probes):
         with tf.GradientTape() as tape:
             loss = loss_of(x, y)
-        return [dense(g) for g in tape.gradient(loss, variables)]
+        return [tf.convert_to_tensor(g)
+                for g in tape.gradient(loss, variables)]
 
     @tf.function(jit_compile=True)
     def reverse_over_reverse(x, y, probes):
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 loss = loss_of(x, y)
-            grads = [dense(g) for g in inner.gradient(loss, variables)]
+            grads = [tf.convert_to_tensor(g)
+                     for g in inner.gradient(loss, variables)]
         return grads, outer.gradient(grads, variables,
                                      output_gradients=probes)
 
@@ -286,7 +285,8 @@ def hvp_times(settings):
                 [v.value for v in variables], probes) as forward:
             with tf.GradientTape() as tape:
                 loss = loss_of(x, y)
-            grads = [dense(g) for g in tape.gradient(loss, variables)]
+            grads = [tf.convert_to_tensor(g)
+                     for g in tape.gradient(loss, variables)]
         return grads, forward.jvp(grads)
 
     def timer(function):
@@ -387,7 +387,6 @@ PEAK_RSS_CHILD = """
 import resource, runpy, sys
 out, sys.argv = sys.argv[1], ["train.pretrain"] + sys.argv[2:]
 runpy.run_module("train.pretrain", run_name="__main__")
-peak = None
 try:
     with open("/proc/self/status") as f:
         peak = [int(line.split()[1]) * 1024 for line in f
@@ -599,7 +598,8 @@ def profile(result):
         for name, t in times.items():
             floor_text = ""
             if name.startswith("sophia_"):
-                estimator, suffix = name[len("sophia_")], name[len("sophia_g"):]
+                estimator = name[len("sophia_")]
+                suffix = name[len("sophia_g"):]
                 floor_text = f"{floor(estimator, fractions[suffix]):.2f}"
             rows.append(
                 f"| {name} | {label} | {1e3 * t['ordinary_step']:.0f} "
