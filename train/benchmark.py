@@ -20,9 +20,10 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   ratio of one cycle to AdamW's cycle of the same round, for the noise.
 * `step_time_floor_sophia_{g,h}`: the same ratio if a refresh cost only
   its extra FLOPs (see `floor`), next to which the measured one is read.
-* `peak_memory_ratio_vs_adamw`: the peak resident memory of a short
-  `train.pretrain` run of each Sophia variant over AdamW's, each in a
-  fresh process (on CPU the process's peak RSS is the device's peak).
+* `peak_memory_ratio_vs_adamw`: the peak bytes the device (TensorFlow's
+  CPU allocator) held during a short `train.pretrain` run of each Sophia
+  variant over AdamW's, each in a fresh process (see PEAK_RSS_CHILD);
+  `process_memory_ratio_vs_adamw`: the same for the process's peak RSS.
 * `hvp_time_in_gradients`: a training gradient with one Hessian-vector
   product (Sophia-H's refresh), in training gradients, made reverse over
   reverse (what `EstimatorContext.hvp` does) and forward over reverse.
@@ -296,11 +297,19 @@ def hvp_times(settings):
                 function(x, y, probes))
         return run
 
-    return alternate({
+    timers = {
         "gradient": timer(gradient),
         "reverse_over_reverse": timer(reverse_over_reverse),
         "forward_over_reverse": timer(forward_over_reverse),
-    }, settings["hvp_repeats"])
+    }
+    seconds = alternate(timers, settings["hvp_repeats"])
+    # Each compiled function's peak device bytes, from one more call.
+    peaks = {}
+    for name, run in timers.items():
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        run()
+        peaks[name] = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return seconds, peaks
 
 
 def state_bytes():
@@ -378,29 +387,43 @@ def load(start, start_cpu, wall):
     }
 
 
-# Runs `train.pretrain` with the given flags, then writes the process's
-# peak RSS in bytes to the file named by its first argument. The child
-# reads its own high-water mark (VmHWM, per address space, reset by exec):
-# the kernel's ru_maxrss of a child also counts the parent's memory at
-# fork, which here is the benchmark's few GB.
+# Runs `train.pretrain` with the given flags and writes, as JSON to the
+# file named by its first argument: `device`, the peak bytes TensorFlow's
+# CPU allocator held over the training steps (every tensor and XLA buffer
+# of a step; what a GPU's or TPU's peak bytes are), and `process`, the
+# process's peak RSS (also the runtime, the data and compiling: XLA's
+# compiler alone takes about half a GB here). The child reads its own
+# VmHWM: the kernel's ru_maxrss of a child also counts the parent's memory
+# at fork.
 PEAK_RSS_CHILD = """
-import resource, runpy, sys
+import json, runpy, sys
+import keras
+import tensorflow as tf
 out, sys.argv = sys.argv[1], ["train.pretrain"] + sys.argv[2:]
+seen = {}
+
+class DevicePeak(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        seen["device"] = tf.config.experimental.get_memory_info(
+            "CPU:0")["peak"]
+
+fit = keras.Model.fit
+def fit_watched(model, *args, callbacks=(), **kwargs):
+    return fit(model, *args, callbacks=[DevicePeak(), *callbacks], **kwargs)
+
+keras.Model.fit = fit_watched
 runpy.run_module("train.pretrain", run_name="__main__")
-try:
-    with open("/proc/self/status") as f:
-        peak = [int(line.split()[1]) * 1024 for line in f
-                if line.startswith("VmHWM:")][0]
-except OSError:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:
+    seen["process"] = [int(line.split()[1]) * 1024 for line in f
+                       if line.startswith("VmHWM:")][0]
 with open(out, "w") as f:
-    f.write(str(peak))
+    json.dump(seen, f)
 """
 
 
 def peak_memory(settings, jit):
-    """Peak RSS in bytes of a short `train.pretrain` run per optimizer
-    variant, each in a fresh process."""
+    """Resident memory (see PEAK_RSS_CHILD) of a short `train.pretrain`
+    run per optimizer variant, each in a fresh process."""
     steps = settings["memory_steps"]
     peaks = {}
     for name, flags in MEMORY_RUNS.items():
@@ -420,8 +443,21 @@ def peak_memory(settings, jit):
                     f"{' '.join(command)} exited {child.returncode}:\n"
                     + child.stderr[-2000:])
             with open(peak_file) as f:
-                peaks[name] = int(f.read())
+                peaks[name] = json.load(f)
     return peaks
+
+
+def memory_ratios(memory):
+    """Each Sophia run's peak over AdamW's, of the device's bytes and of
+    the whole process."""
+    ratios = {"device": {}, "process": {}}
+    for label, runs in memory.items():
+        for name, run in runs.items():
+            if name != "adamw":
+                for kind in ratios:
+                    ratios[kind][f"{name}_{label}"] = (
+                        run[kind] / runs["adamw"][kind])
+    return ratios
 
 
 PARTS = ("apply", "step", "memory", "hvp")
@@ -456,19 +492,21 @@ def run(mode, parts=PARTS):
             memory[LABELS[jit]] = peak_memory(settings, jit)
             print(f"peak memory ({LABELS[jit]}): {memory[LABELS[jit]]}",
                   flush=True)
-        result["peak_memory_ratio_vs_adamw"] = {
-            f"{name}_{label}": peaks[name] / peaks["adamw"]
-            for label, peaks in memory.items() for name in peaks
-            if name != "adamw"
-        }
-        result["peak_memory_bytes"] = memory
+        ratios = memory_ratios(memory)
+        result["peak_memory_ratio_vs_adamw"] = ratios["device"]
+        result["process_memory_ratio_vs_adamw"] = ratios["process"]
+        result["memory_bytes"] = memory
     if "hvp" in parts:
-        seconds["hvp"] = hvp_times(settings)
-        print(f"Hessian-vector products: {seconds['hvp']}", flush=True)
+        seconds["hvp"], peaks = hvp_times(settings)
+        print(f"Hessian-vector products: {seconds['hvp']}, peak bytes "
+              f"{peaks}", flush=True)
+        ways = ("reverse_over_reverse", "forward_over_reverse")
         result["hvp_time_in_gradients"] = {
             way: seconds["hvp"][way] / seconds["hvp"]["gradient"]
-            for way in ("reverse_over_reverse", "forward_over_reverse")
-        }
+            for way in ways}
+        result["hvp_peak_memory_in_gradients"] = {
+            way: peaks[way] / peaks["gradient"] for way in ways}
+        result["hvp_peak_bytes"] = peaks
     result["state_bytes_per_param_bytes"] = state_bytes()
     result["seconds"] = seconds
     result["settings"] = {"mode": mode, "parts": list(parts),
@@ -543,7 +581,7 @@ def markdown(result):
                     f"{cycle_floor(estimator, fraction):.3f} | {target} |"
                 )
     for key, ratio in result.get("peak_memory_ratio_vs_adamw", {}).items():
-        rows.append(f"| peak memory, {key} | {ratio:.2f} | | | "
+        rows.append(f"| peak device memory, {key} | {ratio:.2f} | | | "
                     f"<= {MEMORY_TARGET} |")
     state = result["state_bytes_per_param_bytes"]
     rows.append(
@@ -554,7 +592,7 @@ def markdown(result):
     sections = [rows]
     if "train_step" in result["seconds"]:
         sections.append([profile(result)])
-    if "peak_memory_bytes" in result:
+    if "memory_bytes" in result:
         sections.append([memory_table(result)])
     if "hvp_time_in_gradients" in result:
         sections.append([hvp_table(result)])
@@ -564,14 +602,20 @@ def markdown(result):
 def hvp_table(result):
     """The two ways of making a Hessian-vector product, in gradients."""
     seconds = result["seconds"]["hvp"]
+    peaks = result["hvp_peak_bytes"]
     rows = [
-        "| XLA, tiny GPT-2 | ms | x the training gradient |",
-        "|---|---|---|",
-        f"| training gradient | {1e3 * seconds['gradient']:.0f} | 1.00 |",
+        "| XLA, tiny GPT-2 | ms | x the training gradient | peak device "
+        "GB | x the training gradient's |",
+        "|---|---|---|---|---|",
+        f"| training gradient | {1e3 * seconds['gradient']:.0f} | 1.00 | "
+        f"{peaks['gradient'] / 1e9:.2f} | 1.00 |",
     ]
     for way, ratio in result["hvp_time_in_gradients"].items():
-        rows.append(f"| gradient and H v, {way.replace('_', ' ')} | "
-                    f"{1e3 * seconds[way]:.0f} | {ratio:.2f} |")
+        rows.append(
+            f"| gradient and H v, {way.replace('_', ' ')} | "
+            f"{1e3 * seconds[way]:.0f} | {ratio:.2f} | "
+            f"{peaks[way] / 1e9:.2f} | "
+            f"{result['hvp_peak_memory_in_gradients'][way]:.2f} |")
     return "\n".join(rows)
 
 
@@ -611,17 +655,21 @@ def profile(result):
 
 
 def memory_table(result):
-    """Peak resident memory of each short training run, in GB."""
+    """Peak memory of each short training run, in GB."""
     steps = result["settings"]["memory_steps"]
     rows = [
-        f"| optimizer | mode | peak RSS of `train.pretrain --steps {steps}`, "
-        "GB (x AdamW) |",
-        "|---|---|---|",
+        f"| optimizer | mode | `train.pretrain --steps {steps}`: device "
+        "peak, GB (x AdamW) | process peak RSS, GB (x AdamW) |",
+        "|---|---|---|---|",
     ]
-    for label, peaks in result["peak_memory_bytes"].items():
-        for name, peak in peaks.items():
-            rows.append(f"| {name} | {label} | {peak / 1e9:.2f} "
-                        f"({peak / peaks['adamw']:.2f}) |")
+    for label, runs in result["memory_bytes"].items():
+        cells = [
+            " | ".join(f"{run[kind] / 1e9:.2f} "
+                       f"({run[kind] / runs['adamw'][kind]:.2f})"
+                       for kind in ("device", "process"))
+            for run in runs.values()]
+        rows += [f"| {name} | {label} | {cell} |"
+                 for name, cell in zip(runs, cells)]
     return "\n".join(rows)
 
 
