@@ -303,12 +303,16 @@ def hvp_times(settings):
         "forward_over_reverse": timer(forward_over_reverse),
     }
     seconds = alternate(timers, settings["hvp_repeats"])
-    # Each compiled function's peak device bytes, from one more call.
+    # Each compiled function's peak device bytes above what was already
+    # held (the model, the batch, earlier parts' tensors), from one more
+    # call.
     peaks = {}
     for name, run in timers.items():
         tf.config.experimental.reset_memory_stats("CPU:0")
+        held = tf.config.experimental.get_memory_info("CPU:0")["current"]
         run()
-        peaks[name] = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        peaks[name] = (
+            tf.config.experimental.get_memory_info("CPU:0")["peak"] - held)
     return seconds, peaks
 
 
