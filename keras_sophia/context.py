@@ -51,10 +51,11 @@ class EstimatorContext:
             one per variable (`vectors` shaped like the variables), by
             differentiating the recorded training gradient once more
             (reverse over reverse): a backward pass through both the
-            forward and the first backward pass, about 2.6 training
-            gradients (8F) under XLA on the tiny GPT-2 (BENCHMARKS.md), and
+            forward and the first backward pass, about 2.3 training
+            gradients (7F) under XLA on the tiny GPT-2 (BENCHMARKS.md), and
             the first backward pass's intermediate values stay alive until
-            it is done (there, twice AdamW's peak memory).
+            it is done (there, 5.3 times a training gradient's peak
+            memory).
         uniform(shape), normal(shape): float32 draws in [0, 1) and from a
             standard normal, independent per call and per replica, and a
             pure function of `(optimizer.seed, iterations)`, so a resumed
