@@ -1,14 +1,24 @@
-"""Sophia (arXiv 2305.14342) for Keras 3 on TensorFlow."""
+"""Sophia (arXiv 2305.14342) for Keras 3 on TensorFlow and JAX."""
+
+import keras
 
 from keras_sophia import estimators
-from keras_sophia.context import EstimatorContext
 from keras_sophia.estimators import GaussNewtonBartlett
 from keras_sophia.estimators import HessianEstimator
 from keras_sophia.estimators import Hutchinson
-from keras_sophia.multiworker import MultiWorkerFit
 from keras_sophia.sophia import Sophia
-from keras_sophia.train_step import SophiaTrainStep
-from keras_sophia.train_step import estimate_hessian
+
+# The train step is backend code: TensorFlow's (with tf.distribute) or
+# JAX's; importing one never imports the other backend.
+if keras.backend.backend() == "jax":
+    from keras_sophia.jax_step import EstimatorContext
+    from keras_sophia.jax_step import SophiaTrainStep
+    from keras_sophia.jax_step import estimate_hessian
+else:
+    from keras_sophia.context import EstimatorContext
+    from keras_sophia.multiworker import MultiWorkerFit
+    from keras_sophia.train_step import SophiaTrainStep
+    from keras_sophia.train_step import estimate_hessian
 
 __version__ = "0.1.0"
 
@@ -17,9 +27,8 @@ __all__ = [
     "GaussNewtonBartlett",
     "HessianEstimator",
     "Hutchinson",
-    "MultiWorkerFit",
     "Sophia",
     "SophiaTrainStep",
     "estimate_hessian",
     "estimators",
-]
+] + (["MultiWorkerFit"] if keras.backend.backend() != "jax" else [])

@@ -1,0 +1,319 @@
+"""The Hessian-refreshing `train_step` on Keras's JAX backend.
+
+The JAX counterpart of `train_step.py`, `refresh.py` and `context.py`:
+Keras's JAX trainer is stateless (`train_step(state, data)` returns new
+values instead of assigning), so a refresh here computes the new `h` and
+`skipped_refreshes` as values of the optimizer's state. One compiled step
+holds both branches of a `jax.lax.cond` on `iterations % k == 0`; each step
+runs one forward pass. On several devices (`keras.distribution`) the step
+is one program over the global batch, so an estimator's sums and counts
+already cover every device and nothing is combined by hand.
+
+Not supported on JAX yet, each refused with a `ValueError` naming it:
+loss scaling (`LossScaleOptimizer`, `loss_scale_factor`) and gradient
+accumulation. Keras's own helper `_update_metrics_variables` of the JAX
+trainer (private) feeds the loss tracker and the metrics, as Keras's step
+does.
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_sophia import estimators as estimators_lib
+from keras_sophia.sophia import Sophia
+
+
+class EstimatorContext:
+    """What an estimator may use on a refresh step (JAX backend).
+
+    The same attributes and methods as the TensorFlow
+    `keras_sophia.EstimatorContext` (read its docstring for their meaning);
+    what differs is how they are made and what they cost:
+
+    * `y_pred`, `grads`: from the step's own forward pass and backward
+      pass (`jax.vjp` of the loss and the output together). Free on the
+      whole batch. On a slice (`hessian_batch_fraction` below 1) `y_pred`
+      is the slice of the batch's output and `grads` one more forward and
+      backward pass through the slice.
+    * `vjp(cotangents)`: the recorded forward pass's pullback, one backward
+      pass (2F). On a slice the cotangent is zero outside it, so the pass
+      runs through the whole batch.
+    * `hvp(vectors)`: forward over reverse (`jax.jvp` of the gradient):
+      a forward and backward pass of its own with tangents, about three
+      gradients' worth; it does not reuse the step's pass.
+    * `uniform(shape)`, `normal(shape)`: float32 draws from
+      `(optimizer.seed, iterations)`, so a resumed run draws the same.
+    """
+
+    def __init__(self, model, x, y, sample_weight, y_pred, grads, pullback,
+                 loss_of, values, key, take=None):
+        # `pullback(c)` is the step's backward pass with cotangent c on the
+        # (whole-batch) output; `loss_of(values)` the training loss of
+        # this context's batch; `take` cuts the slice out of a batch-sized
+        # tensor (None: the whole batch).
+        self.model = model
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.y_pred = y_pred
+        self.variables = model.trainable_variables
+        self._grads, self._pullback = grads, pullback
+        self._loss_of, self._values = loss_of, values
+        self._key, self._draws = key, 0
+        self._take = take
+
+    @property
+    def grads(self):
+        if callable(self._grads):
+            self._grads = self._grads()
+        return [jnp.asarray(g, jnp.float32) for g in self._grads]
+
+    def vjp(self, cotangents):
+        if self._take is not None:
+            # Zero outside the slice: a cotangent for the whole output.
+            cotangents = jax.tree.map(self._take.pad, cotangents)
+        products = self._pullback(cotangents)
+        return [jnp.asarray(p, jnp.float32) for p in products]
+
+    def hvp(self, vectors):
+        vectors = [jnp.asarray(v, w.dtype)
+                   for v, w in zip(vectors, self._values)]
+        _, products = jax.jvp(jax.grad(self._loss_of), (self._values,),
+                              (vectors,))
+        return [jnp.asarray(p, jnp.float32) for p in products]
+
+    def uniform(self, shape):
+        """Uniform in [0, 1) on a 2**-24 grid, as on TensorFlow."""
+        self._draws += 1
+        key = jax.random.fold_in(self._key, self._draws)
+        bits = jax.random.randint(key, tuple(shape), 0, _GRID, jnp.int32)
+        return bits.astype(jnp.float32) / _GRID
+
+    def normal(self, shape):
+        """Standard normal by Box-Muller from two uniforms."""
+        radius_u = (self.uniform(shape) * _GRID + 0.5) / _GRID
+        angle_u = self.uniform(shape)
+        return jnp.sqrt(-2.0 * jnp.log(radius_u)) * jnp.cos(
+            2.0 * np.pi * angle_u)
+
+
+_GRID = 2**24
+
+
+class SophiaTrainStep:
+    """Mixin that refreshes Sophia's Hessian estimate inside `fit` (JAX).
+
+    Used exactly as on TensorFlow (`class LM(SophiaTrainStep,
+    keras.Model)`): on steps where `iterations % k == 0` the optimizer's
+    estimator refreshes `h` from the step's own forward pass, then the
+    ordinary update runs; the logs gain `win_rate`, `hessian_norm`,
+    `skipped_steps` and `skipped_refreshes` (docs/jax.md). With an
+    optimizer other than `Sophia` the step is Keras's own.
+    """
+
+    def train_step(self, state, data):
+        sophia = self.optimizer
+        _check_supported(sophia)
+        if not isinstance(sophia, Sophia) or not self.trainable_weights:
+            return super().train_step(state, data)
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        iterations, is_refresh = _read(
+            sophia, optimizer_values,
+            lambda: (sophia.iterations.value, sophia.should_refresh_hessian()))
+
+        def loss_and_output(values, x=x, y=y, sample_weight=sample_weight):
+            loss, aux = self.compute_loss_and_updates(
+                values, non_trainable, metrics_values, x, y, sample_weight,
+                training=True, optimizer_variables=optimizer_values)
+            return (loss, aux[1]), aux
+
+        def refresh(optimizer_values):
+            (loss, y_pred), pullback, aux = jax.vjp(
+                loss_and_output, trainable, has_aux=True)
+            (grads,) = pullback((jnp.ones_like(loss),
+                                 jax.tree.map(jnp.zeros_like, y_pred)))
+
+            def output_pullback(cotangents):
+                return pullback((jnp.zeros_like(loss), cotangents))[0]
+
+            key = _step_key(sophia.seed, iterations)
+            context = _context(self, sophia, x, y, sample_weight, y_pred,
+                               grads, output_pullback, loss_and_output,
+                               trainable, key)
+            sums, count = sophia.estimator.statistics(context)
+            estimates = sophia.estimator.finalize(sums, count)
+            # The one h update and the one count of a skipped refresh
+            # are Sophia's own methods, run on these values.
+            new = jax.lax.cond(
+                _all_finite(list(grads) + list(sums)),
+                lambda values: _assigned(
+                    sophia, values, lambda: sophia.update_hessian(
+                        estimates, self.trainable_variables)),
+                lambda values: _assigned(sophia, values,
+                                         sophia.count_skipped_refresh),
+                optimizer_values)
+            return aux, grads, new
+
+        aux, grads, optimizer_values = jax.lax.cond(
+            is_refresh, refresh, _ordinary_with(trainable, loss_and_output),
+            optimizer_values)
+        unscaled_loss, y_pred, non_trainable, metrics_values = aux
+        # A NaN or Inf gradient never reaches m or the weights: the step
+        # is skipped and counted (a refresh on it left h alone).
+        finite = _all_finite(grads)
+        trainable, optimizer_values = jax.lax.cond(
+            finite,
+            lambda values: sophia.stateless_apply(values, grads, trainable),
+            lambda values: (list(trainable), list(values)),
+            optimizer_values)
+        optimizer_values = _assigned(
+            sophia, optimizer_values, lambda: sophia.skipped_steps.assign_add(
+                jnp.where(finite, 0, 1).astype(sophia.skipped_steps.dtype)))
+        optimizer_values = jax.lax.cond(
+            is_refresh,
+            lambda values: _assigned(sophia, values,
+                                     sophia.update_diagnostics),
+            lambda values: values, optimizer_values)
+        logs, metrics_values = self._update_metrics_variables(
+            metrics_values, unscaled_loss, x, y, y_pred, sample_weight)
+        # As of the last refresh step, as on TensorFlow.
+        logs.update(_read(sophia, optimizer_values, lambda: {
+            name: getattr(sophia, name).value
+            for name in ("win_rate", "hessian_norm", "skipped_steps",
+                         "skipped_refreshes")}))
+        return logs, (trainable, non_trainable, optimizer_values,
+                      metrics_values)
+
+
+def _ordinary_with(trainable, loss_and_output):
+    """Keras's own step: the loss, its gradient and the output, once."""
+    def ordinary(optimizer_values):
+        def loss(values):
+            (scaled, _), aux = loss_and_output(values)
+            return scaled, aux
+
+        (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        return aux, grads, list(optimizer_values)
+    return ordinary
+
+
+def _context(model, sophia, x, y, sample_weight, y_pred, grads, pullback,
+             loss_and_output, trainable, key):
+    """The estimator context of a refresh step, on the slice the
+    optimizer's `hessian_batch_fraction` asks for."""
+    def loss_of(values, x=x, y=y, sample_weight=sample_weight):
+        return loss_and_output(values, x, y, sample_weight)[0][0]
+
+    fraction = sophia.hessian_batch_fraction
+    if fraction == 1.0:
+        return EstimatorContext(model, x, y, sample_weight, y_pred, grads,
+                                pullback, loss_of, trainable, key)
+    take = _Slice(fraction, x)
+    part = jax.tree.map(take, (x, y, sample_weight))
+
+    def slice_loss(values):
+        return loss_of(values, *part)
+
+    return EstimatorContext(
+        model, *part, jax.tree.map(take, y_pred),
+        lambda: jax.grad(slice_loss)(trainable), pullback, slice_loss,
+        trainable, key, take=take)
+
+
+class _Slice:
+    """The leading `max(1, floor(fraction * batch))` examples of a batch
+    tensor (`__call__`), and a slice-sized tensor padded back (`pad`)."""
+
+    def __init__(self, fraction, x):
+        self.batch = jax.tree.leaves(x)[0].shape[0]
+        self.size = max(int(fraction * self.batch), 1)
+
+    def __call__(self, tensor):
+        return None if tensor is None else tensor[: self.size]
+
+    def pad(self, tensor):
+        padding = [(0, self.batch - self.size)] + [(0, 0)] * (tensor.ndim - 1)
+        return jnp.pad(tensor, padding)
+
+
+def _read(optimizer, values, fn):
+    """`fn()` with the optimizer's variables read from `values`."""
+    mapping = list(zip(optimizer.variables, values))
+    with keras.StatelessScope(state_mapping=mapping):
+        return fn()
+
+
+def _assigned(optimizer, values, fn):
+    """The optimizer's state after `fn()` assigned to it, from `values`."""
+    mapping = list(zip(optimizer.variables, values))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        fn()
+    new = [scope.get_current_value(v) for v in optimizer.variables]
+    return [value if n is None else n for n, value in zip(new, values)]
+
+
+def _step_key(seed, iterations):
+    """The random key of a refresh step: a pure function of the
+    optimizer's seed and the step counter, as on TensorFlow."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), iterations)
+
+
+def _all_finite(tensors):
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(t)) for t in tensors
+                              if t is not None]))
+
+
+def _check_supported(optimizer):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not isinstance(inner, Sophia):
+        return
+    if inner is not optimizer or inner.loss_scale_factor is not None:
+        raise ValueError(
+            "Loss scaling (LossScaleOptimizer, loss_scale_factor) with "
+            "Sophia is not supported on the JAX backend yet. Use "
+            "mixed_precision 'mixed_bfloat16' (no loss scaling) or the "
+            "TensorFlow backend.")
+    if inner.gradient_accumulation_steps:
+        raise ValueError(
+            "gradient_accumulation_steps with Sophia is not supported on "
+            "the JAX backend yet. Received: gradient_accumulation_steps="
+            f"{inner.gradient_accumulation_steps}")
+
+
+def estimate_hessian(model, x, y=None, sample_weight=None, estimator=None,
+                     seed=0):
+    """One Hessian-diagonal estimate on one batch, outside of `fit` (JAX;
+    see `keras_sophia.train_step.estimate_hessian`)."""
+    if estimator is None:
+        if not isinstance(model.optimizer, Sophia):
+            raise ValueError(
+                "Pass `estimator=` or compile the model with a Sophia "
+                f"optimizer. Received: optimizer={model.optimizer!r}")
+        estimator = model.optimizer.estimator
+    estimator = estimators_lib.get(estimator)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    metrics = [v.value for v in model.metrics_variables]
+    optimizer = [v.value for v in model.optimizer.variables]
+
+    def loss_and_output(values, x=x, y=y, sample_weight=sample_weight):
+        loss, aux = model.compute_loss_and_updates(
+            values, non_trainable, metrics, x, y, sample_weight,
+            training=True, optimizer_variables=optimizer)
+        return (loss, aux[1]), aux
+
+    (loss, y_pred), pullback, _ = jax.vjp(loss_and_output, trainable,
+                                          has_aux=True)
+    (grads,) = pullback((jnp.ones_like(loss),
+                         jax.tree.map(jnp.zeros_like, y_pred)))
+
+    def loss_of(values):
+        return loss_and_output(values)[0][0]
+
+    context = EstimatorContext(
+        model, x, y, sample_weight, y_pred, grads,
+        lambda c: pullback((jnp.zeros_like(loss), c))[0], loss_of,
+        trainable, _step_key(seed, 0))
+    sums, count = estimator.statistics(context)
+    return estimator.finalize(sums, count)
