@@ -6,7 +6,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -19,12 +18,12 @@ tf.config.set_logical_device_configuration(
 )
 CPUS = [f"/cpu:{i}" for i in range(4)]
 
-import keras_sophia  # noqa: E402
-
-
-@keras.saving.register_keras_serializable(package="keras_sophia_tests")
-class SophiaModel(keras_sophia.SophiaTrainStep, keras.Model):
-    """A functional Keras model with the Hessian-refreshing train step."""
+# The helpers the test files import from here (`from conftest import ...`).
+from common import SophiaModel  # noqa: E402,F401
+from common import classification_data  # noqa: E402,F401
+from common import least_squares  # noqa: E402,F401
+from common import slot_values  # noqa: E402,F401
+from common import tiny_classifier  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
@@ -32,23 +31,6 @@ def _fresh_keras_state():
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     yield
-
-
-def slot_values(optimizer, kind):
-    """Numpy copies of the `kind` ("momentum"/"hessian") slots, in order."""
-    return [v.numpy() for v in optimizer.variables if kind in v.name]
-
-
-def tiny_classifier(inputs=5, hidden=8, classes=3):
-    x = keras.Input((inputs,))
-    h = keras.layers.Dense(hidden, activation="tanh")(x)
-    return SophiaModel(x, keras.layers.Dense(classes)(h))
-
-
-def classification_data(n=64, inputs=5, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, inputs)).astype("float32")
-    return x, rng.integers(0, classes, size=(n,))
 
 
 def tiny_gpt2(vocabulary_size, sequence_length, width=32, dtype=None):

@@ -11,16 +11,20 @@ os.environ["KERAS_BACKEND"] = "jax"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2")
 
+import sys  # noqa: E402
+
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import keras_sophia  # noqa: E402
-
-
-@keras.saving.register_keras_serializable(package="keras_sophia_jax_tests")
-class SophiaModel(keras_sophia.SophiaTrainStep, keras.Model):
-    """A functional Keras model with the Hessian-refreshing train step."""
+# The backend-neutral helpers of tests/ (tests/common.py), imported by the
+# test files from here as there.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
+                                "tests"))
+from common import SophiaModel  # noqa: E402,F401
+from common import classification_data  # noqa: E402,F401
+from common import least_squares  # noqa: E402,F401
+from common import slot_values  # noqa: E402,F401
+from common import tiny_classifier  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
@@ -29,20 +33,3 @@ def _fresh_keras_state():
     keras.utils.set_random_seed(0)
     keras.distribution.set_distribution(None)
     yield
-
-
-def slot_values(optimizer, kind):
-    """Numpy copies of the `kind` ("momentum"/"hessian") slots, in order."""
-    return [np.array(v.value) for v in optimizer.variables if kind in v.name]
-
-
-def tiny_classifier(inputs=5, hidden=8, classes=3):
-    x = keras.Input((inputs,))
-    h = keras.layers.Dense(hidden, activation="tanh")(x)
-    return SophiaModel(x, keras.layers.Dense(classes)(h))
-
-
-def classification_data(n=64, inputs=5, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, inputs)).astype("float32")
-    return x, rng.integers(0, classes, size=(n,))

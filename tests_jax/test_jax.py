@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import SophiaModel
 from conftest import classification_data
+from conftest import least_squares
 from conftest import slot_values
 from conftest import tiny_classifier
 
@@ -41,17 +42,6 @@ def mean_estimate(model, x, y, estimator, draws):
         est = [np.asarray(e) for e in one(i)]
         total = est if total is None else [t + e for t, e in zip(total, est)]
     return [t / draws for t in total]
-
-
-def least_squares(n=32, d=4, seed=0):
-    rng = np.random.default_rng(seed)
-    mixing = np.eye(d) + 0.5 * rng.normal(size=(d, d))
-    x = (rng.normal(size=(n, d)) @ mixing).astype("float32")
-    y = rng.normal(size=(n, 1)).astype("float32")
-    inputs = keras.Input((d,))
-    model = SophiaModel(inputs, keras.layers.Dense(1)(inputs))
-    model.compile(Sophia(seed=0), loss="mse")
-    return model, x, y
 
 
 def test_hutchinson_mean_approaches_least_squares_hessian_diagonal():
