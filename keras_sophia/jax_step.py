@@ -69,6 +69,10 @@ class EstimatorContext:
         return [jnp.asarray(g, jnp.float32) for g in self._grads]
 
     def vjp(self, cotangents):
+        # In the output's dtype (bfloat16 under mixed precision), as the
+        # pullback requires.
+        cotangents = jax.tree.map(lambda c, y: jnp.asarray(c, y.dtype),
+                                  cotangents, self.y_pred)
         if self._take is not None:
             # Zero outside the slice: a cotangent for the whole output.
             cotangents = jax.tree.map(self._take.pad, cotangents)
