@@ -231,12 +231,18 @@ def test_hessian_batch_fraction_estimates_on_the_leading_examples(fraction):
                                    atol=1e-9)
 
 
-def test_loss_scaling_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("optimizer, named", [
+    (lambda: keras.optimizers.LossScaleOptimizer(Sophia()), "Loss scaling"),
+    (lambda: Sophia(gradient_accumulation_steps=2),
+     "gradient_accumulation_steps=2"),
+])
+def test_what_jax_cannot_do_yet_is_refused_by_name(optimizer, named):
     x, y = classification_data(n=8)
     model = tiny_classifier()
-    model.compile(keras.optimizers.LossScaleOptimizer(Sophia()), CE)
-    with pytest.raises(ValueError, match="not supported on the JAX"):
+    model.compile(optimizer(), CE)
+    with pytest.raises(ValueError, match="not supported on the JAX") as error:
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert named in str(error.value)
 
 
 def byte_windows(text, block, count, start):
