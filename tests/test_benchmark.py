@@ -78,4 +78,4 @@ def test_an_unknown_part_exits_2_with_one_line(parts, capsys):
         benchmark.main(["--quick", "--parts", parts])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--parts" in error and "apply, step, memory, hvp" in error
+    assert "--parts" in error and "apply, step, memory, hvp, jax" in error

@@ -2,6 +2,7 @@
 refresh inside `fit`, save and continue, two devices against one, a
 byte-level GPT-2 trained with each estimator."""
 
+import json
 import os
 import subprocess
 import sys
@@ -314,3 +315,23 @@ def test_mixed_bfloat16_keeps_float32_state_and_trains(estimator):
         assert all(s.dtype == np.float32 for s in slots)
         assert all(np.any(s != 0) for s in slots)
     assert losses[2] < losses[1] < losses[0]
+
+
+def test_the_benchmark_times_sophia_against_adamw_on_jax(tmp_path):
+    # train.benchmark is a TensorFlow program; its `jax` part times the
+    # steps in a child process of its own on JAX.
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "-m", "train.benchmark", "--quick", "--parts",
+         "jax", "--out", str(out)], cwd=root, check=True,
+        capture_output=True, env={**os.environ,
+                                  "KERAS_BACKEND": "tensorflow"})
+    result = json.loads(out.read_text())
+    ratios = result["jax_step_time_ratio_vs_adamw"]
+    assert set(ratios) == {"sophia_g", "sophia_h"}
+    assert all(0 < r < 10 for r in ratios.values())
+    times = result["seconds"]["jax_train_step"]["sophia_h"]
+    # A Hutchinson refresh step is dearer than an ordinary one.
+    assert times["refresh_step"] > times["ordinary_step"]
+    assert "Keras on JAX" in (tmp_path / "bench.md").read_text()

@@ -4,6 +4,7 @@
     python -m train.benchmark --quick          # a few minutes (smoke test)
     python -m train.benchmark --out FILE.json  # default: benchmark.json
     python -m train.benchmark --parts step,hvp # only some measurements
+    python -m train.benchmark --parts jax      # Keras on JAX (jax extra)
 
 Every figure is the median of repeated timings after warm-up, and every
 ratio divides two medians measured in this process, turn about (Sophia,
@@ -28,6 +29,10 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   product (Sophia-H's refresh), in training gradients, made reverse over
   reverse (what `EstimatorContext.hvp` does) and forward over reverse.
 * `state_bytes_per_param_bytes`: optimizer state per byte of parameters.
+* `jax_step_time_ratio_vs_adamw`: the same step ratio on Keras's JAX
+  backend (XLA), Sophia-G and Sophia-H on the whole batch, from a child
+  process with `KERAS_BACKEND=jax` (`--parts jax`; needs the `jax`
+  extra).
 * `load`: the load average at start and end, and the share of the CPUs
   other processes used during the run; `busy` flags a run whose timings
   load could have moved.
@@ -464,10 +469,92 @@ def memory_ratios(memory):
     return ratios
 
 
-PARTS = ("apply", "step", "memory", "hvp")
+# Times the train steps of AdamW, Sophia-G and Sophia-H on Keras's JAX
+# backend (`KERAS_BACKEND=jax`, a process of its own: the backend is
+# chosen once per process, and `train` itself is TensorFlow-only, so the
+# child imports only keras_sophia and models). Arguments: the output
+# file, then a JSON object of settings; it writes what `step_times`
+# returns. Each step is `train_on_batch`, which returns the loss as a
+# number, so every step is waited for; the optimizers take turns by
+# cycle, as in `step_times`.
+JAX_STEP_CHILD = """
+import json, statistics, sys, time
+import keras
+import numpy as np
+import keras_sophia
+from models import gpt2
+
+out, settings = sys.argv[1], json.loads(sys.argv[2])
+k, batch, block = settings["interval"], settings["batch"], settings["block"]
+rng = np.random.default_rng(0)
+tokens = rng.integers(0, gpt2.VOCAB_SIZE, size=(8, batch, block + 1))
+batches = [({"token_ids": t[:, :-1], "padding_mask": np.ones_like(t[:, :-1])},
+            t[:, 1:]) for t in tokens]
+optimizers = {
+    "adamw": lambda: keras.optimizers.AdamW(1e-4, weight_decay=0.1),
+    "sophia_g": lambda: keras_sophia.Sophia(
+        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0),
+    "sophia_h": lambda: keras_sophia.Sophia(
+        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0,
+        estimator="hutchinson"),
+}
+models = {}
+for name, make in optimizers.items():
+    keras.utils.set_random_seed(0)
+    model = gpt2.build("tiny", block_size=block)
+    model.compile(make(), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), jit_compile=True)
+    models[name] = model
+times = {name: [] for name in models}
+for cycle in range(settings["warmup_cycles"] + settings["cycles"]):
+    for name, model in models.items():
+        for i in range(k):
+            start = time.perf_counter()
+            logs = model.train_on_batch(*batches[i % 8], return_dict=True)
+            float(logs["loss"])
+            if cycle >= settings["warmup_cycles"]:
+                times[name].append(time.perf_counter() - start)
+result = {}
+for name, seconds in times.items():
+    per_cycle = np.reshape(seconds, (-1, k))
+    result[name] = {
+        "step": statistics.median(per_cycle.sum(axis=1)) / k,
+        "refresh_step": statistics.median(per_cycle[:, 0]),
+        "ordinary_step": statistics.median(per_cycle[:, 1:].ravel()),
+        "cycles": list(per_cycle.sum(axis=1) / k),
+    }
+with open(out, "w") as f:
+    json.dump(result, f)
+"""
 
 
-def run(mode, parts=PARTS):
+def jax_step_times(settings):
+    """`step_times` of AdamW, Sophia-G and Sophia-H (whole batch) on
+    Keras's JAX backend, from a child process (see JAX_STEP_CHILD)."""
+    child_settings = {
+        "interval": INTERVAL, "batch": settings["batch_size"],
+        "block": settings["block_size"], "cycles": settings["cycles"],
+        "warmup_cycles": settings["warmup_cycles"]}
+    with tempfile.TemporaryDirectory() as out:
+        times_file = os.path.join(out, "times")
+        command = [sys.executable, "-c", JAX_STEP_CHILD, times_file,
+                   json.dumps(child_settings)]
+        child = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "KERAS_BACKEND": "jax"})
+        if child.returncode != 0:
+            raise RuntimeError(f"the JAX step child exited "
+                               f"{child.returncode}:\n" + child.stderr[-2000:])
+        with open(times_file) as f:
+            return json.load(f)
+
+
+PARTS = ("apply", "step", "memory", "hvp", "jax")
+# Every part but `jax`, which needs the optional `jax` extra.
+DEFAULT_PARTS = PARTS[:-1]
+
+
+def run(mode, parts=DEFAULT_PARTS):
     """The measurements `parts` of `mode` ("full" or "quick"), as one
     dict."""
     settings = MODES[mode]
@@ -511,6 +598,13 @@ def run(mode, parts=PARTS):
         result["hvp_peak_memory_in_gradients"] = {
             way: peaks[way] / peaks["gradient"] for way in ways}
         result["hvp_peak_bytes"] = peaks
+    if "jax" in parts:
+        seconds["jax_train_step"] = jax_step_times(settings)
+        print(f"train step (JAX): {seconds['jax_train_step']}", flush=True)
+        times = seconds["jax_train_step"]
+        result["jax_step_time_ratio_vs_adamw"] = {
+            name: times[name]["step"] / times["adamw"]["step"]
+            for name in times if name != "adamw"}
     result["state_bytes_per_param_bytes"] = state_bytes()
     result["seconds"] = seconds
     result["settings"] = {"mode": mode, "parts": list(parts),
@@ -584,6 +678,13 @@ def markdown(result):
                     f"{ratios[label + suffix]:.3f} | {low:.2f}-{high:.2f} | "
                     f"{cycle_floor(estimator, fraction):.3f} | {target} |"
                 )
+    for name, ratio in result.get("jax_step_time_ratio_vs_adamw",
+                                  {}).items():
+        estimator = name[len("sophia_")]
+        rows.append(
+            f"| train step, Sophia-{estimator.upper()}, Keras on JAX (XLA), "
+            f"Hessian on the full batch | {ratio:.3f} | | "
+            f"{cycle_floor(estimator, 1.0):.3f} | |")
     for key, ratio in result.get("peak_memory_ratio_vs_adamw", {}).items():
         rows.append(f"| peak device memory, {key} | {ratio:.2f} | | | "
                     f"<= {MEMORY_TARGET} |")
@@ -594,7 +695,7 @@ def markdown(result):
         " | | | Sophia = AdamW |"
     )
     sections = [rows]
-    if "train_step" in result["seconds"]:
+    if {"train_step", "jax_train_step"} & set(result["seconds"]):
         sections.append([profile(result)])
     if "memory_bytes" in result:
         sections.append([memory_table(result)])
@@ -641,7 +742,10 @@ def profile(result):
         "|---|---|---|---|---|",
     ]
     fractions = {suffix: f for f, suffix in FRACTIONS.items()}
-    for label, times in result["seconds"]["train_step"].items():
+    runs = dict(result["seconds"].get("train_step", {}))
+    if "jax_train_step" in result["seconds"]:
+        runs["jax"] = result["seconds"]["jax_train_step"]
+    for label, times in runs.items():
         base = times["adamw"]["step"]
         for name, t in times.items():
             floor_text = ""
@@ -694,8 +798,9 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmark.json",
                         help="the JSON file; the table goes next to it (.md)")
     parser.add_argument(
-        "--parts", default=",".join(PARTS), type=parts_list,
-        help=f"comma-separated, any of {', '.join(PARTS)} (default: all)")
+        "--parts", default=",".join(DEFAULT_PARTS), type=parts_list,
+        help=f"comma-separated, any of {', '.join(PARTS)} (default: "
+             f"{', '.join(DEFAULT_PARTS)}; jax needs the jax extra)")
     args = parser.parse_args(argv)
     result = run("quick" if args.quick else "full", args.parts)
     table = markdown(result)
