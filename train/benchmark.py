@@ -228,17 +228,20 @@ def step_times(settings, jit):
                 float(step()["loss"])
                 if cycle >= settings["warmup_cycles"]:
                     times[name].append(time.perf_counter() - start)
-    result = {}
-    for name, seconds in times.items():
-        per_cycle = np.reshape(seconds, (-1, INTERVAL))
-        result[name] = {
-            # The figure the ratios use: a whole cycle, per step.
-            "step": statistics.median(per_cycle.sum(axis=1)) / INTERVAL,
-            "refresh_step": statistics.median(per_cycle[:, 0]),
-            "ordinary_step": statistics.median(per_cycle[:, 1:].ravel()),
-            "cycles": list(per_cycle.sum(axis=1) / INTERVAL),
-        }
-    return result
+    return {name: cycle_times(seconds) for name, seconds in times.items()}
+
+
+def cycle_times(seconds):
+    """One optimizer's step times, in order, cut into k-step cycles (each
+    starting with its refresh step): the medians the tables use."""
+    per_cycle = np.reshape(seconds, (-1, INTERVAL))
+    return {
+        # The figure the ratios use: a whole cycle, per step.
+        "step": statistics.median(per_cycle.sum(axis=1)) / INTERVAL,
+        "refresh_step": statistics.median(per_cycle[:, 0]),
+        "ordinary_step": statistics.median(per_cycle[:, 1:].ravel()),
+        "cycles": list(per_cycle.sum(axis=1) / INTERVAL),
+    }
 
 
 def hvp_times(settings):
@@ -473,12 +476,13 @@ def memory_ratios(memory):
 # backend (`KERAS_BACKEND=jax`, a process of its own: the backend is
 # chosen once per process, and `train` itself is TensorFlow-only, so the
 # child imports only keras_sophia and models). Arguments: the output
-# file, then a JSON object of settings; it writes what `step_times`
-# returns. Each step is `train_on_batch`, which returns the loss as a
-# number, so every step is waited for; the optimizers take turns by
-# cycle, as in `step_times`.
+# file, then a JSON object of settings; it writes each optimizer's step
+# times in order (the parent summarises them as `step_times` does). Each
+# step is `train_on_batch`, which returns the loss as a number, so every
+# step is waited for; the optimizers take turns by cycle, as in
+# `step_times`.
 JAX_STEP_CHILD = """
-import json, statistics, sys, time
+import json, sys, time
 import keras
 import numpy as np
 import keras_sophia
@@ -514,17 +518,8 @@ for cycle in range(settings["warmup_cycles"] + settings["cycles"]):
             float(logs["loss"])
             if cycle >= settings["warmup_cycles"]:
                 times[name].append(time.perf_counter() - start)
-result = {}
-for name, seconds in times.items():
-    per_cycle = np.reshape(seconds, (-1, k))
-    result[name] = {
-        "step": statistics.median(per_cycle.sum(axis=1)) / k,
-        "refresh_step": statistics.median(per_cycle[:, 0]),
-        "ordinary_step": statistics.median(per_cycle[:, 1:].ravel()),
-        "cycles": list(per_cycle.sum(axis=1) / k),
-    }
 with open(out, "w") as f:
-    json.dump(result, f)
+    json.dump(times, f)
 """
 
 
@@ -546,7 +541,8 @@ def jax_step_times(settings):
             raise RuntimeError(f"the JAX step child exited "
                                f"{child.returncode}:\n" + child.stderr[-2000:])
         with open(times_file) as f:
-            return json.load(f)
+            return {name: cycle_times(seconds)
+                    for name, seconds in json.load(f).items()}
 
 
 PARTS = ("apply", "step", "memory", "hvp", "jax")
