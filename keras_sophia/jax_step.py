@@ -126,11 +126,9 @@ class SophiaTrainStep:
             sophia, optimizer_values,
             lambda: (sophia.iterations.value, sophia.should_refresh_hessian()))
 
-        def loss_and_output(values, x=x, y=y, sample_weight=sample_weight):
-            loss, aux = self.compute_loss_and_updates(
-                values, non_trainable, metrics_values, x, y, sample_weight,
-                training=True, optimizer_variables=optimizer_values)
-            return (loss, aux[1]), aux
+        loss_and_output = _loss_and_output(
+            self, non_trainable, metrics_values, optimizer_values, x, y,
+            sample_weight)
 
         def refresh(optimizer_values):
             (loss, y_pred), pullback, aux = jax.vjp(
@@ -188,6 +186,20 @@ class SophiaTrainStep:
                          "skipped_refreshes")}))
         return logs, (trainable, non_trainable, optimizer_values,
                       metrics_values)
+
+
+def _loss_and_output(model, non_trainable, metrics, optimizer_values, x, y,
+                     sample_weight):
+    """`f(values, x, y, sample_weight) -> ((scaled loss, output), aux)`:
+    Keras's training loss of the batch (by default this step's) at the
+    trainable `values`, with the output beside it so that one `jax.vjp`
+    gives both pullbacks; `aux` is `compute_loss_and_updates`'s."""
+    def loss_and_output(values, x=x, y=y, sample_weight=sample_weight):
+        loss, aux = model.compute_loss_and_updates(
+            values, non_trainable, metrics, x, y, sample_weight,
+            training=True, optimizer_variables=optimizer_values)
+        return (loss, aux[1]), aux
+    return loss_and_output
 
 
 def _ordinary_with(trainable, loss_and_output):
@@ -301,11 +313,8 @@ def estimate_hessian(model, x, y=None, sample_weight=None, estimator=None,
     metrics = [v.value for v in model.metrics_variables]
     optimizer = [v.value for v in model.optimizer.variables]
 
-    def loss_and_output(values, x=x, y=y, sample_weight=sample_weight):
-        loss, aux = model.compute_loss_and_updates(
-            values, non_trainable, metrics, x, y, sample_weight,
-            training=True, optimizer_variables=optimizer)
-        return (loss, aux[1]), aux
+    loss_and_output = _loss_and_output(model, non_trainable, metrics,
+                                       optimizer, x, y, sample_weight)
 
     (loss, y_pred), pullback, _ = jax.vjp(loss_and_output, trainable,
                                           has_aux=True)
