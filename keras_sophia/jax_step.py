@@ -11,9 +11,8 @@ already cover every device and nothing is combined by hand.
 
 Not supported on JAX yet, each refused with a `ValueError` naming it:
 loss scaling (`LossScaleOptimizer`, `loss_scale_factor`) and gradient
-accumulation. Keras's own helper `_update_metrics_variables` of the JAX
-trainer (private) feeds the loss tracker and the metrics, as Keras's step
-does.
+accumulation. The JAX trainer's private metrics update feeds the loss
+tracker and the metrics, as Keras's step does (`keras_internals.py`).
 """
 
 import jax
@@ -22,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_sophia import estimators as estimators_lib
+from keras_sophia import keras_internals
 from keras_sophia.sophia import Sophia
 
 
@@ -45,6 +45,9 @@ class EstimatorContext:
       gradients' worth; it does not reuse the step's pass.
     * `uniform(shape)`, `normal(shape)`: float32 draws from
       `(optimizer.seed, iterations)`, so a resumed run draws the same.
+    * `variables`: the step's values of the trainable variables (arrays,
+      in `model.trainable_variables` order): the step is stateless, so the
+      Keras variables themselves do not hold them.
     """
 
     def __init__(self, model, x, y, sample_weight, y_pred, grads, pullback,
@@ -56,7 +59,7 @@ class EstimatorContext:
         self.model = model
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.y_pred = y_pred
-        self.variables = model.trainable_variables
+        self.variables = list(values)
         self._grads, self._pullback = grads, pullback
         self._loss_of, self._values = loss_of, values
         self._key, self._draws = key, 0
@@ -177,8 +180,8 @@ class SophiaTrainStep:
             lambda values: _assigned(sophia, values,
                                      sophia.update_diagnostics),
             lambda values: values, optimizer_values)
-        logs, metrics_values = self._update_metrics_variables(
-            metrics_values, unscaled_loss, x, y, y_pred, sample_weight)
+        logs, metrics_values = keras_internals.update_metrics(
+            self, metrics_values, unscaled_loss, x, y, y_pred, sample_weight)
         # As of the last refresh step, as on TensorFlow.
         logs.update(_read(sophia, optimizer_values, lambda: {
             name: getattr(sophia, name).value

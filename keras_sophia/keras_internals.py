@@ -19,14 +19,25 @@ that each still behaves as assumed.
   `Model._make_function(step)`, and `_collective_all_reduce_multi_worker`
   of the TensorFlow trainer: `MultiWorkerFit` overrides the first two and
   asks the third, exactly as Keras's `fit` does (see `multiworker.py`).
+* On JAX, the trainer's `_update_metrics_variables(metrics_variables,
+  loss, x, y, y_pred, sample_weight)`: how its stateless `train_step`
+  feeds the loss tracker and the metrics; `SophiaTrainStep` calls it as
+  Keras's step does.
+
+Only the backend's own parts are checked, and on JAX TensorFlow is not
+imported.
 """
 
 import contextlib
 import threading
 
 import keras
-import tensorflow as tf
-from keras.src.backend.tensorflow import trainer as _tf_trainer
+
+if keras.backend.backend() == "jax":
+    from keras.src.backend.jax import trainer as _jax_trainer
+else:
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as _tf_trainer
 
 
 def _require(owner, name, what):
@@ -39,15 +50,27 @@ def _require(owner, name, what):
     return getattr(owner, name)
 
 
-_require(keras.Model, "_maybe_symbolic_build", "Keras's fit-time build")
-_require(keras.Model, "_make_function", "Keras's step-function builder")
 _require(keras.optimizers.Optimizer, "_clip_gradients",
          "the optimizer's gradient clipping")
-_require(keras.optimizers.Optimizer, "_all_reduce_sum_gradients",
-         "the TensorFlow optimizer's gradient all-reduce")
-collective_all_reduce_multi_worker = _require(
-    _tf_trainer, "_collective_all_reduce_multi_worker",
-    "the TensorFlow trainer's multi-worker test")
+if keras.backend.backend() == "jax":
+    _require(_jax_trainer.JAXTrainer, "_update_metrics_variables",
+             "the JAX trainer's metrics update")
+else:
+    _require(keras.Model, "_maybe_symbolic_build", "Keras's fit-time build")
+    _require(keras.Model, "_make_function", "Keras's step-function builder")
+    _require(keras.optimizers.Optimizer, "_all_reduce_sum_gradients",
+             "the TensorFlow optimizer's gradient all-reduce")
+    collective_all_reduce_multi_worker = _require(
+        _tf_trainer, "_collective_all_reduce_multi_worker",
+        "the TensorFlow trainer's multi-worker test")
+
+
+def update_metrics(model, metrics_variables, loss, x, y, y_pred,
+                   sample_weight):
+    """On JAX: `(logs, new metrics_variables)` after a step's loss and
+    predictions, as Keras's stateless `train_step` computes them."""
+    return model._update_metrics_variables(
+        metrics_variables, loss, x, y, y_pred, sample_weight)
 
 
 def track_loss(model, loss, x):

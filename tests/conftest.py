@@ -1,4 +1,10 @@
-"""Shared test setup: quiet TensorFlow, the TF backend, small helpers."""
+"""Shared test setup: quiet TensorFlow, the backend, small helpers.
+
+The tests run on Keras's TensorFlow backend unless KERAS_BACKEND says
+otherwise. `.ci/run` also runs the backend-neutral files under
+`KERAS_BACKEND=jax` (the list is in docs/tests.md); there the tests
+marked `tensorflow` (TensorFlow-only features) are deselected.
+"""
 
 import os
 
@@ -21,9 +27,23 @@ CPUS = [f"/cpu:{i}" for i in range(4)]
 # The helpers the test files import from here (`from conftest import ...`).
 from common import SophiaModel  # noqa: E402,F401
 from common import classification_data  # noqa: E402,F401
+from common import estimate_draws  # noqa: E402,F401
+from common import gradients  # noqa: E402,F401
 from common import least_squares  # noqa: E402,F401
 from common import slot_values  # noqa: E402,F401
 from common import tiny_classifier  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under another backend than TensorFlow, leaves out the tests marked
+    `tensorflow`."""
+    if keras.backend.backend() == "tensorflow":
+        return
+    left_out = [item for item in items if item.get_closest_marker(
+        "tensorflow")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import json
 import pathlib
 import statistics
 
+from train import require_tensorflow
 from train import compare
 
 # name: a function of the comparison's step budget giving the pretrain
@@ -38,6 +39,7 @@ CHANGES = {
 
 
 def main(argv=None):
+    require_tensorflow("train.ablate")
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

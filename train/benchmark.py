@@ -55,6 +55,7 @@ import tensorflow as tf
 
 import keras_sophia
 from models import gpt2
+from train import require_tensorflow
 
 # Default mode: GPT-2 small's variables for the update; the tiny GPT-2
 # (2 layers, width 128, GPT-2's vocabulary) at batch 16 x 64 tokens, the
@@ -788,6 +789,7 @@ def parts_list(text):
 
 
 def main(argv=None):
+    require_tensorflow("train.benchmark")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats (minutes)")

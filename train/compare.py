@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 
+from train import require_tensorflow
 from train import compare_report
 from train import data
 from train import pretrain
@@ -399,6 +400,7 @@ def plan(args):
 
 
 def main(argv=None):
+    require_tensorflow("train.compare")
     args = parse_args(argv)
     out = pathlib.Path(args.out or (
         "runs/compare-quick" if args.quick else "runs/compare"))

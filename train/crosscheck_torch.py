@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from train import require_tensorflow
+
 AUSTEN = pathlib.Path(__file__).parent / "data" / "austen.txt"
 INSTALL = ("crosscheck_torch needs PyTorch and sophia-opt: pip install "
            "torch==2.13.0 && pip install sophia-opt --no-deps")
@@ -191,6 +193,7 @@ def param_groups(torch, model, weight_decay):
 
 
 def main(argv=None):
+    require_tensorflow("train.crosscheck_torch")
     args = parse_args(argv)
     try:
         import torch

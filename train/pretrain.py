@@ -36,6 +36,9 @@ from train import tokenizer
 
 OPTIMIZERS = ("sophia-g", "sophia-h", "adamw", "lion")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# Float16 needs loss scaling, which the JAX train step does not do yet.
+JAX_PRECISIONS = ("float32", "mixed_bfloat16")
+_ON_JAX = " on Keras's JAX backend"
 # Validation batches per evaluation when --eval-steps is not given.
 EVAL_STEPS = 20
 # --help lists the settings in these groups, in this order.
@@ -87,12 +90,14 @@ class Config:
     log_interval: int = _setting(
         "schedule", 10, "steps between lines of metrics.jsonl")
     strategy: str = _setting(
-        "distribution", "default", " | ".join(strategy_lib.NAMES))
+        "distribution", "default", " | ".join(strategy_lib.NAMES)
+        + f" (on JAX: {' | '.join(strategy_lib.JAX_NAMES)})")
     tpu: str = _setting("distribution", None,
                         "TPU name or grpc:// address; None: this TPU VM's")
     precision: str = _setting(
         "distribution", "float32", " | ".join(PRECISIONS))
-    jit: bool = _setting("distribution", False, "XLA-compile the train step")
+    jit: bool = _setting(
+        "distribution", False, "XLA-compile the train step (always on JAX)")
     seed: int = _setting(
         "run", 0, "data order, initialisation, estimator draws")
     deterministic: bool = _setting(
@@ -201,17 +206,22 @@ def _fits(field, value):
 
 def _check(config, error):
     """Calls `error` on the first setting no run could use."""
+    jax = keras.backend.backend() == "jax"
     for name, allowed in (
         ("model", tuple(gpt2.SIZES)),
         ("optimizer", OPTIMIZERS),
         ("tokenizer", tuple(tokenizer.VOCAB_SIZES)),
-        ("strategy", strategy_lib.NAMES),
-        ("precision", PRECISIONS),
+        ("strategy", strategy_lib.JAX_NAMES if jax else strategy_lib.NAMES),
+        ("precision", JAX_PRECISIONS if jax else PRECISIONS),
     ):
         value = getattr(config, name)
         if value not in allowed:
-            error(f"{_flag(name)} must be one of {', '.join(allowed)}; "
-                  f"got {value!r}")
+            error(f"{_flag(name)} must be one of {', '.join(allowed)}"
+                  f"{_ON_JAX * jax}; got {value!r}")
+    if jax and config.deterministic:
+        error(f"--deterministic is TensorFlow's{_ON_JAX}: JAX's compiled "
+              "steps give the same bits on CPUs and TPUs without it; on "
+              "GPUs set XLA_FLAGS=--xla_gpu_deterministic_ops=true")
     for names, test, allowed in _RANGES:
         for name in names:
             value = getattr(config, name)
@@ -336,7 +346,7 @@ class MetricsLog(keras.callbacks.Callback):
             return
         record = {"step": step, "time": self.elapsed,
                   "loss": float(logs["loss"]),
-                  "lr": float(opt.learning_rate.numpy())}
+                  "lr": float(opt.learning_rate)}
         for name in ("win_rate", "hessian_norm", "skipped_steps",
                      "skipped_refreshes"):
             if name in logs:
@@ -514,24 +524,29 @@ def main(argv=None):
         _make_deterministic()
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)
-    strategy = strategy_lib.get_strategy(config.strategy, config.tpu)
+    devices = strategy_lib.devices(config.strategy, config.tpu)
     # Under MultiWorkerMirroredStrategy every worker runs this program on
     # the same --out (a shared file system); only the chief writes to it.
-    chief = strategy.extended.should_checkpoint
+    chief = devices.chief
     train_ids, val_ids = data.load_tokens(
         config.data, os.path.expanduser(config.cache_dir),
         val_fraction=config.val_fraction, data_dir=config.data_dir,
         manual_dir=config.manual_dir, tokenizer_name=config.tokenizer,
     )
     eval_steps = _check_splits(config, train_ids, val_ids)
+    if config.batch_size % devices.replicas:
+        _parser().error(
+            f"--batch-size must be a multiple of the {devices.replicas} "
+            f"replicas of --strategy {config.strategy}; "
+            f"got {config.batch_size}")
     if chief:
         out.mkdir(parents=True, exist_ok=True)
         _write_atomically(out / "config.json",
                           json.dumps(dataclasses.asdict(config), indent=2))
     print(f"{len(train_ids):,} training and {len(val_ids):,} validation "
-          f"tokens; {strategy.num_replicas_in_sync} replica(s)")
+          f"tokens; {devices.replicas} replica(s)")
 
-    with strategy.scope():
+    with devices.scope():
         model = gpt2.build(
             config.model, block_size=config.block_size,
             vocabulary_size=tokenizer.VOCAB_SIZES[config.tokenizer])
@@ -544,7 +559,8 @@ def main(argv=None):
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             weighted_metrics=[],
-            jit_compile=config.jit,
+            # Keras on JAX without jit runs op by op, too slow to train.
+            jit_compile=config.jit or keras.backend.backend() == "jax",
         )
         start = 0
         if checkpoint:
@@ -585,7 +601,7 @@ def main(argv=None):
     # dataset shuffles itself (Keras warns that it ignores shuffle=True).
     keras.Model.fit(
         model,
-        strategy.distribute_datasets_from_function(train_data),
+        devices.distribute(train_data),
         steps_per_epoch=config.eval_interval,
         epochs=math.ceil(config.steps / config.eval_interval),
         initial_epoch=math.ceil(start / config.eval_interval),
