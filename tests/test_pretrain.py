@@ -247,3 +247,26 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path, cache):
     assert "2 replica(s)" in done.stdout
     assert "final validation loss" in done.stdout
     assert (tmp_path / "run" / "final.weights.h5").exists()
+
+
+def test_validation_loss_is_the_mean_loss_of_the_validation_batches(
+    tmp_path, cache
+):
+    # Evaluated at steps 2 and 4 and after the run, each time over the
+    # same 2 batches; recomputed here from the final weights, op by op.
+    from models import gpt2
+    from train import data
+
+    out = tmp_path / "run"
+    val_loss = pretrain.main(TINY + ["--steps", "4", "--eval-interval", "2",
+                                     "--out", str(out), "--cache-dir", cache])
+    _, val_ids = data.load_tokens("austen", cache, val_fraction=0.05)
+    batches = data.make_dataset(val_ids, 32, 4).take(2).as_numpy_iterator()
+    model = gpt2.build("tiny", block_size=32)
+    model.load_weights(out / "final.weights.h5")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    by_hand = np.mean([float(loss(y, model(x))) for x, y in batches])
+    logged = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [x["step"] for x in logged if "val_loss" in x] == [2, 4]
+    np.testing.assert_allclose(val_loss, by_hand, rtol=1e-5)
+    np.testing.assert_allclose(logged[-1]["val_loss"], by_hand, rtol=1e-5)

@@ -184,3 +184,20 @@ def test_a_split_too_small_for_the_batches_exits_2_and_writes_nothing(
         assert message.startswith(PROG + error), message
         assert "split" in message and "holds" in message
         assert not out.exists()
+
+
+def test_a_batch_the_replicas_cannot_share_exits_2_and_writes_nothing(
+    tmp_path, capsys
+):
+    # MirroredStrategy over the 4 logical CPUs of conftest.py: 6 blocks
+    # do not split into 4 equal per-replica batches.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        pretrain.main(["--strategy", "mirrored", "--batch-size", "6",
+                       "--tokenizer", "bytes", "--out", str(out),
+                       "--cache-dir", str(tmp_path / "cache")])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message == (PROG + "--batch-size must be a multiple of the 4 "
+                       "replicas of --strategy mirrored; got 6")
+    assert not out.exists()

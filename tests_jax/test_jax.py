@@ -1,6 +1,10 @@
-"""Sophia on Keras's JAX backend: estimators against closed forms, the
-refresh inside `fit`, save and continue, two devices against one, a
-byte-level GPT-2 trained with each estimator."""
+"""What only Keras's JAX backend has: TensorFlow left out of the import,
+non-finite steps, two devices against one under DataParallel, the
+refusals, mixed bfloat16, a byte-level GPT-2 trained with each estimator,
+the programs' behaviour on JAX and the benchmark's JAX part.
+
+The estimator, train-step, golden-step and pretraining tests are in
+tests/ and run on JAX too (`.ci/run`)."""
 
 import json
 import os
@@ -119,17 +123,40 @@ def test_byte_level_gpt2_trains_with_falling_validation_loss(estimator):
     assert history.history["hessian_norm"][-1] > 0
 
 
-def test_the_tensorflow_programs_exit_2_with_one_line_on_jax():
+@pytest.mark.parametrize("program", ["train.benchmark", "train.compare"])
+def test_the_tensorflow_programs_exit_2_with_one_line_on_jax(program):
     root = os.path.join(os.path.dirname(__file__), "..")
     done = subprocess.run(
-        [sys.executable, "-m", "train.pretrain", "--steps", "1"], cwd=root,
+        [sys.executable, "-m", program, "--quick"], cwd=root,
         capture_output=True, text=True,
         env={**os.environ, "KERAS_BACKEND": "jax"})
     assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines()
-             if "TensorFlow backend only" in line]
-    assert len(lines) == 1 and "KERAS_BACKEND is 'jax'" in lines[0]
+    assert done.stderr.splitlines()[-1].startswith(
+        f"{program} runs on Keras's TensorFlow backend only; KERAS_BACKEND "
+        "is 'jax'.")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--strategy", "tpu"], "--strategy must be one of default, mirrored "
+     "on Keras's JAX backend; got 'tpu'"),
+    (["--precision", "mixed_float16"], "--precision must be one of "
+     "float32, mixed_bfloat16 on Keras's JAX backend; got 'mixed_float16'"),
+    (["--deterministic"], "--deterministic is TensorFlow's on Keras's JAX "
+     "backend"),
+])
+def test_pretraining_settings_jax_lacks_exit_2_naming_them(
+    tmp_path, capsys, flags, error
+):
+    from train import pretrain
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        pretrain.main(flags + ["--out", str(out)])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith("python -m train.pretrain: error: " + error)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])

@@ -1,10 +1,16 @@
 """Pretrain a GPT-2 with Sophia (or AdamW, Lion) on any tf.distribute
-strategy.
+strategy, or on Keras's JAX backend.
 
     python -m train.pretrain                       # tiny, Sophia-G, austen
     python -m train.pretrain --optimizer adamw --steps 400
     python -m train.pretrain --config gpt2-small-sophia-g --strategy tpu
     python -m train.pretrain --out runs/a --resume # continue runs/a
+    KERAS_BACKEND=jax python -m train.pretrain     # the same on JAX
+
+On JAX the batches still come from tf.data, `--strategy mirrored` is
+`keras.distribution.DataParallel` over every device JAX sees, and the
+step is always compiled; `multiworker`, `tpu`, `mixed_float16` and
+`--deterministic` are TensorFlow's (docs/jax.md).
 
 Settings: the `Config` defaults below, then a named config or a JSON file
 (`--config`), then `--key value` flags. The run directory (`--out`) gets
@@ -220,8 +226,8 @@ def _check(config, error):
                   f"{_ON_JAX * jax}; got {value!r}")
     if jax and config.deterministic:
         error(f"--deterministic is TensorFlow's{_ON_JAX}: JAX's compiled "
-              "steps give the same bits on CPUs and TPUs without it; on "
-              "GPUs set XLA_FLAGS=--xla_gpu_deterministic_ops=true")
+              "steps on CPU repeat their bits without it; on GPUs start "
+              "with XLA_FLAGS=--xla_gpu_deterministic_ops=true")
     for names, test, allowed in _RANGES:
         for name in names:
             value = getattr(config, name)
@@ -578,9 +584,15 @@ def main(argv=None):
             input_context=input_context,
         ).skip(start)
 
+    # An evaluation that runs to the end of its data gets one batch too
+    # many in the loss's count from Keras's graph-mode (not XLA) test step:
+    # the batch's static shape lets the count be added before the iterator
+    # reports its end, so the mean is eval_steps / (eval_steps + 1) of the
+    # truth. So each evaluation takes eval_steps steps of a dataset that
+    # repeats the same eval_steps batches.
     val_data = data.make_dataset(
         val_ids, config.block_size, config.batch_size
-    ).take(eval_steps)
+    ).take(eval_steps).repeat()
     # Every worker stops at the same step and shows a bar; only the chief
     # writes.
     callbacks = [StopAt(config.steps)]
@@ -606,10 +618,11 @@ def main(argv=None):
         epochs=math.ceil(config.steps / config.eval_interval),
         initial_epoch=math.ceil(start / config.eval_interval),
         validation_data=val_data,
+        validation_steps=eval_steps,
         shuffle=False,
         callbacks=callbacks,
     )
-    val_loss = model.evaluate(val_data, verbose=0)
+    val_loss = model.evaluate(val_data, steps=eval_steps, verbose=0)
     if chief:
         model.save_weights(out / "final.weights.h5")
     print(f"final validation loss: {val_loss:.4f}")
