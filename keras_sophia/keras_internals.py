@@ -3,7 +3,7 @@
 Keras has no public API for these; each is checked when this module is
 imported, so a Keras release that changes one fails here, naming it, and
 not deep inside a traced train step. `tests/test_keras_internals.py` checks
-that each still behaves as assumed.
+that each TensorFlow one still behaves as assumed.
 
 * `Model._loss_tracker`: the `Mean` metric that `fit` reports as `loss`;
   `train_step` feeds it, and a custom `train_step` must too.
@@ -22,7 +22,7 @@ that each still behaves as assumed.
 * On JAX, the trainer's `_update_metrics_variables(metrics_variables,
   loss, x, y, y_pred, sample_weight)`: how its stateless `train_step`
   feeds the loss tracker and the metrics; `SophiaTrainStep` calls it as
-  Keras's step does.
+  Keras's step does (every JAX `fit` test runs through it).
 
 Only the backend's own parts are checked, and on JAX TensorFlow is not
 imported.

@@ -223,7 +223,7 @@ def _check(config, error):
         value = getattr(config, name)
         if value not in allowed:
             error(f"{_flag(name)} must be one of {', '.join(allowed)}"
-                  f"{_ON_JAX * jax}; got {value!r}")
+                  f"{_ON_JAX if jax else ''}; got {value!r}")
     if jax and config.deterministic:
         error(f"--deterministic is TensorFlow's{_ON_JAX}: JAX's compiled "
               "steps on CPU repeat their bits without it; on GPUs start "

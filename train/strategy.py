@@ -76,8 +76,12 @@ def devices(name="default", tpu=None):
     import jax
 
     # tf.data only reads and batches here; left alone, TensorFlow would
-    # also claim the GPUs' memory that JAX needs.
-    tf.config.set_visible_devices([], "GPU")
+    # also claim the GPUs' memory that JAX needs. Once TensorFlow has
+    # started (an earlier run in this process) the setting is fixed.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
     replicas = 1
     if name == "mirrored":
         # Set for the whole process: `fit` shards each batch by the
