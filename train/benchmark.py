@@ -32,7 +32,9 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
 * `jax_step_time_ratio_vs_adamw`: the same step ratio on Keras's JAX
   backend (XLA), Sophia-G and Sophia-H on the whole batch, from a child
   process with `KERAS_BACKEND=jax` (`--parts jax`; needs the `jax`
-  extra).
+  extra); `jax_ordinary_step_ratio_vs_keras_step`: their ordinary steps
+  over Sophia's step through Keras's own train step (the update alone,
+  no refresh), which tells `SophiaTrainStep`'s cost from the update's.
 * `load`: the load average at start and end, and the share of the CPUs
   other processes used during the run; `busy` flags a run whose timings
   load could have moved.
@@ -473,10 +475,10 @@ def memory_ratios(memory):
     return ratios
 
 
-# Times the train steps of AdamW, Sophia-G and Sophia-H on Keras's JAX
-# backend (`KERAS_BACKEND=jax`, a process of its own: the backend is
-# chosen once per process, and `train` itself is TensorFlow-only, so the
-# child imports only keras_sophia and models). Arguments: the output
+# Times the train steps of AdamW, Sophia-G, Sophia-H and Sophia through
+# Keras's own step on Keras's JAX backend (`KERAS_BACKEND=jax`, a process
+# of its own: the backend is chosen once per process, and this program is
+# a TensorFlow one, so the child imports only keras_sophia and models). Arguments: the output
 # file, then a JSON object of settings; it writes each optimizer's step
 # times in order (the parent summarises them as `step_times` does). Each
 # step is `train_on_batch`, which returns the loss as a number, so every
@@ -485,6 +487,7 @@ def memory_ratios(memory):
 JAX_STEP_CHILD = """
 import json, sys, time
 import keras
+import keras_hub
 import numpy as np
 import keras_sophia
 from models import gpt2
@@ -502,11 +505,18 @@ optimizers = {
     "sophia_h": lambda: keras_sophia.Sophia(
         1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0,
         estimator="hutchinson"),
+    "keras_step_sophia": lambda: keras_sophia.Sophia(
+        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0),
 }
 models = {}
 for name, make in optimizers.items():
     keras.utils.set_random_seed(0)
     model = gpt2.build("tiny", block_size=block)
+    if name == "keras_step_sophia":
+        # Keras's own train step, without SophiaTrainStep: h is never
+        # refreshed (Sophia warns), so every step is Sophia's update alone.
+        model = keras_hub.models.GPT2CausalLM(backbone=model.backbone,
+                                              preprocessor=None)
     model.compile(make(), keras.losses.SparseCategoricalCrossentropy(
         from_logits=True), jit_compile=True)
     models[name] = model
@@ -601,7 +611,11 @@ def run(mode, parts=DEFAULT_PARTS):
         times = seconds["jax_train_step"]
         result["jax_step_time_ratio_vs_adamw"] = {
             name: times[name]["step"] / times["adamw"]["step"]
-            for name in times if name != "adamw"}
+            for name in times if name.startswith("sophia_")}
+        result["jax_ordinary_step_ratio_vs_keras_step"] = {
+            name: times[name]["ordinary_step"]
+            / times["keras_step_sophia"]["ordinary_step"]
+            for name in times if name.startswith("sophia_")}
     result["state_bytes_per_param_bytes"] = state_bytes()
     result["seconds"] = seconds
     result["settings"] = {"mode": mode, "parts": list(parts),
@@ -682,6 +696,12 @@ def markdown(result):
             f"| train step, Sophia-{estimator.upper()}, Keras on JAX (XLA), "
             f"Hessian on the full batch | {ratio:.3f} | | "
             f"{cycle_floor(estimator, 1.0):.3f} | |")
+    for name, ratio in result.get("jax_ordinary_step_ratio_vs_keras_step",
+                                  {}).items():
+        rows.append(
+            f"| ordinary step, Sophia-{name[len('sophia_')].upper()}, Keras "
+            f"on JAX, over Sophia through Keras's own step | {ratio:.3f} | "
+            "| 1.000 | |")
     for key, ratio in result.get("peak_memory_ratio_vs_adamw", {}).items():
         rows.append(f"| peak device memory, {key} | {ratio:.2f} | | | "
                     f"<= {MEMORY_TARGET} |")
