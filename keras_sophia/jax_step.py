@@ -160,10 +160,23 @@ class SophiaTrainStep:
                 optimizer_values)
             return aux, grads, new
 
-        aux, grads, optimizer_values = jax.lax.cond(
-            is_refresh, refresh, _ordinary_with(trainable, loss_and_output),
-            optimizer_values)
-        unscaled_loss, y_pred, non_trainable, metrics_values = aux
+        def with_metrics(branch):
+            # The metrics are updated inside each branch, so that only
+            # scalars leave it, not the batch's output (logits-sized).
+            def run(optimizer_values):
+                aux, grads, optimizer_values = branch(optimizer_values)
+                loss, y_pred, non_trainable, metrics_values = aux
+                logs, metrics_values = keras_internals.update_metrics(
+                    self, metrics_values, loss, x, y, y_pred, sample_weight)
+                return (logs, non_trainable, metrics_values, grads,
+                        optimizer_values)
+            return run
+
+        logs, non_trainable, metrics_values, grads, optimizer_values = (
+            jax.lax.cond(is_refresh, with_metrics(refresh),
+                         with_metrics(_ordinary_with(trainable,
+                                                     loss_and_output)),
+                         optimizer_values))
         # A NaN or Inf gradient never reaches m or the weights: the step
         # is skipped and counted (a refresh on it left h alone).
         finite = _all_finite(grads)
@@ -180,8 +193,6 @@ class SophiaTrainStep:
             lambda values: _assigned(sophia, values,
                                      sophia.update_diagnostics),
             lambda values: values, optimizer_values)
-        logs, metrics_values = keras_internals.update_metrics(
-            self, metrics_values, unscaled_loss, x, y, y_pred, sample_weight)
         # As of the last refresh step, as on TensorFlow.
         logs.update(_read(sophia, optimizer_values, lambda: {
             name: getattr(sophia, name).value
