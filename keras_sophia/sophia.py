@@ -167,14 +167,17 @@ class Sophia(keras.optimizers.Optimizer):
         self.hessian_norm = self.add_variable((), name="h_norm")
         # Steps whose gradient held a NaN or Inf; SophiaTrainStep skips
         # them (no change to weights, m, h or iterations) and counts them.
+        # The counters are "int" like Keras's `iterations`: int64 on
+        # TensorFlow, int32 on JAX, which without x64 truncates an int64
+        # request (with a warning) rather than honouring it.
         self.skipped_steps = self.add_variable(
-            (), dtype="int64", aggregation="only_first_replica",
+            (), dtype="int", aggregation="only_first_replica",
             name="skipped_steps",
         )
         # Refresh steps whose estimate (or gradient) was not finite: h was
         # left as it was.
         self.skipped_refreshes = self.add_variable(
-            (), dtype="int64", aggregation="only_first_replica",
+            (), dtype="int", aggregation="only_first_replica",
             name="skipped_refreshes",
         )
 

@@ -177,3 +177,62 @@ def test_two_level_inverse_cdf_sampler_matches_the_distribution(classes):
     assert frequencies.shape == (classes,)
     # Binomial standard error is at most sqrt(p / 40000) <= 0.005.
     np.testing.assert_allclose(frequencies, probs, atol=0.012)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_gnb_cotangent_is_the_one_hot_formula(from_logits):
+    # d CE / d y_pred at the sampled labels, term by term, times the
+    # term's weight: for logits w * (softmax(z) - onehot(y)), for
+    # probabilities -w * onehot(y) / p. Two leading axes, 7 classes,
+    # weights with a zero (a masked term) and a fraction.
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(7), size=(2, 3)).astype("float32")
+    labels = rng.integers(0, 7, size=(2, 3)).astype("int32")
+    weights = np.array([[1.0, 0.0, 0.5], [1.0, 2.0, 0.0]], "float32")
+    one_hot = np.eye(7, dtype="float32")[labels]
+    if from_logits:
+        expected = weights[..., None] * (probs - one_hot)
+    else:
+        expected = -weights[..., None] * one_hot / probs
+    cotangent = estimators._sampled_ce_cotangent(
+        probs, labels, weights, from_logits)
+    np.testing.assert_allclose(cotangent, expected, rtol=1e-6, atol=1e-7)
+    # Without weights every term counts once.
+    unweighted = estimators._sampled_ce_cotangent(
+        probs, labels, None, from_logits)
+    expected = probs - one_hot if from_logits else -one_hot / probs
+    np.testing.assert_allclose(unweighted, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_sampled_class_positions_stay_within_each_axis():
+    # GPT-2's 50,257 classes and 50,000 terms (49 blocks of 1,024): a flat
+    # index over the (terms, classes) logits would reach 2.5e9 > 2**31 and
+    # wrap in int32 (JAX's int64 without x64). The positions the cotangent
+    # scatters to are (term, class) pairs instead, built here from the
+    # labels alone, without the 10 GB of logits.
+    terms, classes = 50_000, 50_257
+    assert terms * classes > 2**31
+    labels = np.arange(terms, dtype="int32") * 7919 % classes
+    positions = np.asarray(estimators._label_positions(labels))
+    assert positions.dtype == np.int32
+    np.testing.assert_array_equal(positions[:, 0], np.arange(terms))
+    np.testing.assert_array_equal(positions[:, 1], labels)
+    assert positions[:, 1].max() == classes - 1 and positions.min() == 0
+
+
+@pytest.mark.filterwarnings("error:Explicitly requested dtype")
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_fit_requests_no_dtype_that_jax_truncates(estimator):
+    # JAX without x64 turns an int64 request into int32 with a warning
+    # (and a wrapped value where it overflows); made an error here. On
+    # TensorFlow nothing is truncated and the test passes as well.
+    x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+    y = np.arange(16) % 3
+    inputs = keras.Input((5,))
+    model = SophiaModel(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(
+        Sophia(seed=0, estimator=estimator, hessian_update_interval=2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert np.asarray(model.optimizer.hessian_norm.numpy()) > 0
