@@ -22,6 +22,7 @@ import numpy as np
 
 from keras_sophia import estimators as estimators_lib
 from keras_sophia import keras_internals
+from keras_sophia.saving import RestoresCompile
 from keras_sophia.sophia import Sophia
 
 
@@ -107,7 +108,7 @@ class EstimatorContext:
 _GRID = 2**24
 
 
-class SophiaTrainStep:
+class SophiaTrainStep(RestoresCompile):
     """Mixin that refreshes Sophia's Hessian estimate inside `fit` (JAX).
 
     Used exactly as on TensorFlow (`class LM(SophiaTrainStep,

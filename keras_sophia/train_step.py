@@ -12,10 +12,11 @@ from keras_sophia import distributed
 from keras_sophia import estimators as estimators_lib
 from keras_sophia import refresh
 from keras_sophia.multiworker import MultiWorkerFit
+from keras_sophia.saving import RestoresCompile
 from keras_sophia.sophia import Sophia
 
 
-class SophiaTrainStep(MultiWorkerFit):
+class SophiaTrainStep(RestoresCompile, MultiWorkerFit):
     """Mixin that refreshes Sophia's Hessian estimate inside `fit`.
 
     Put it before the Keras model class:

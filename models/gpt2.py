@@ -30,17 +30,8 @@ SIZES = {
 
 @keras.saving.register_keras_serializable(package="keras_sophia_models")
 class SophiaGPT2(keras_sophia.SophiaTrainStep, keras_hub.models.GPT2CausalLM):
-    """keras-hub's GPT-2 causal LM with the Hessian-refreshing train step."""
-
-    def compile_from_config(self, config):
-        # keras-hub overrides `compile`, so Keras skips this when loading a
-        # `.keras` file and the model comes back compiled with keras-hub's
-        # default Adam: the Sophia slots are dropped with only a warning.
-        # keras-hub's `compile` takes the saved arguments, so replay them;
-        # the loader then restores the optimizer's variables.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
+    """keras-hub's GPT-2 causal LM with the Hessian-refreshing train step
+    (which also makes a `.keras` file reload with its Sophia compile)."""
 
 
 def build(name="tiny", block_size=1024, dropout=0.0,
