@@ -7,6 +7,11 @@ that each TensorFlow one still behaves as assumed.
 
 * `Model._loss_tracker`: the `Mean` metric that `fit` reports as `loss`;
   `train_step` feeds it, and a custom `train_step` must too.
+* `Optimizer._get_variable_index(variable)`: where a variable's slots sit
+  in the optimizer's lists (how every Keras optimizer finds them).
+* `Optimizer._iterations`: the step counter in micro-batches; under
+  gradient accumulation the public `iterations` counts updates, and a
+  refresh belongs to the first micro-batch of one.
 * `Optimizer._all_reduce_sum_gradients(grads_and_vars)`: where a
   TensorFlow optimizer all-reduces gradients inside `apply`; on several
   replicas `SophiaTrainStep` reduces them earlier (before clipping) and
@@ -15,17 +20,19 @@ that each TensorFlow one still behaves as assumed.
   `clipvalue`, `global_clipnorm`); `train.pretrain` puts there the same
   global-norm clipping plus a record of the norm and of how often it
   clipped, which Keras computes and drops.
-* `Model._maybe_symbolic_build(iterator, data_batch)` and
-  `Model._make_function(step)`, and `_collective_all_reduce_multi_worker`
-  of the TensorFlow trainer: `MultiWorkerFit` overrides the first two and
-  asks the third, exactly as Keras's `fit` does (see `multiworker.py`).
+* `Model._maybe_symbolic_build(iterator, data_batch)`,
+  `Model._make_function(step)` and `Model._distribute_strategy` (the
+  strategy a model was built under, None outside one), and
+  `_collective_all_reduce_multi_worker` of the TensorFlow trainer:
+  `MultiWorkerFit` overrides the first two and asks the others, exactly
+  as Keras's `fit` does (see `multiworker.py`).
 * On JAX, the trainer's `_update_metrics_variables(metrics_variables,
   loss, x, y, y_pred, sample_weight)`: how its stateless `train_step`
   feeds the loss tracker and the metrics; `SophiaTrainStep` calls it as
   Keras's step does (every JAX `fit` test runs through it).
 
-Only the backend's own parts are checked, and on JAX TensorFlow is not
-imported.
+Only the backend's own parts are checked, and TensorFlow is imported on
+its own backend only.
 """
 
 import contextlib
@@ -33,9 +40,10 @@ import threading
 
 import keras
 
-if keras.backend.backend() == "jax":
+_BACKEND = keras.backend.backend()
+if _BACKEND == "jax":
     from keras.src.backend.jax import trainer as _jax_trainer
-else:
+elif _BACKEND == "tensorflow":
     import tensorflow as tf
     from keras.src.backend.tensorflow import trainer as _tf_trainer
 
@@ -52,10 +60,12 @@ def _require(owner, name, what):
 
 _require(keras.optimizers.Optimizer, "_clip_gradients",
          "the optimizer's gradient clipping")
-if keras.backend.backend() == "jax":
+_require(keras.optimizers.Optimizer, "_get_variable_index",
+         "the optimizer's slot index")
+if _BACKEND == "jax":
     _require(_jax_trainer.JAXTrainer, "_update_metrics_variables",
              "the JAX trainer's metrics update")
-else:
+elif _BACKEND == "tensorflow":
     _require(keras.Model, "_maybe_symbolic_build", "Keras's fit-time build")
     _require(keras.Model, "_make_function", "Keras's step-function builder")
     _require(keras.optimizers.Optimizer, "_all_reduce_sum_gradients",
@@ -63,6 +73,33 @@ else:
     collective_all_reduce_multi_worker = _require(
         _tf_trainer, "_collective_all_reduce_multi_worker",
         "the TensorFlow trainer's multi-worker test")
+
+
+def variable_index(optimizer, variable):
+    """Position of `variable`'s slots in `optimizer`'s slot lists."""
+    return optimizer._get_variable_index(variable)
+
+
+def micro_batch_iterations(optimizer):
+    """The step counter in micro-batches (equal to `iterations` without
+    gradient accumulation)."""
+    return optimizer._iterations
+
+
+def model_strategy(model):
+    """The strategy `model` was made under, or None outside any."""
+    return model._distribute_strategy
+
+
+def symbolic_build(parent, data_batch):
+    """Keras's fit-time build from one batch; `parent` is `super()` of
+    the model class that overrides it."""
+    return parent._maybe_symbolic_build(data_batch=data_batch)
+
+
+def make_function(model, step):
+    """Keras's compiled (or eager) step function around `step(data)`."""
+    return model._make_function(step)
 
 
 def update_metrics(model, metrics_variables, loss, x, y, y_pred,

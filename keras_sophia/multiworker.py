@@ -8,13 +8,17 @@ from keras_sophia import keras_internals
 class MultiWorkerFit:
     """Mixin that lets `fit` and `evaluate` run under MultiWorkerMirrored.
 
-    Put it first, before the Keras model class (and before
-    `SophiaTrainStep`):
+    Put it before the Keras model class, for a model trained without
+    `SophiaTrainStep`:
 
     ```python
-    class LM(MultiWorkerFit, keras_sophia.SophiaTrainStep, keras.Model):
+    class MLP(keras_sophia.MultiWorkerFit, keras.Model):
         pass
     ```
+
+    `SophiaTrainStep` already subclasses it, so a model with the Hessian
+    refresh names that mixin alone (listing both makes Python refuse the
+    class: no consistent method resolution order).
 
     It overrides `_maybe_symbolic_build`, `make_train_function` and
     `make_test_function` (not `train_step`). With two or more workers, Keras
@@ -46,28 +50,27 @@ class MultiWorkerFit:
         # Keras reads a batch only under a strategy (otherwise it defers the
         # build), and `fit`/`evaluate` reset the iterator after this call.
         # `tf.nest` keeps each distributed value whole, as one leaf.
-        if iterator is not None and self._distribute_strategy is not None:
+        if (iterator is not None
+                and keras_internals.model_strategy(self) is not None):
             strategy = self.distribute_strategy
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda v: _first_local_part(v, strategy), next(batches)
                 )
                 break
-        return super()._maybe_symbolic_build(data_batch=data_batch)
+        return keras_internals.symbolic_build(super(), data_batch)
 
     # Keras's own versions are `self._make_function(self.<kind>_step)`.
     def make_train_function(self, force=False):
         if self.train_function is None or force:
-            self.train_function = self._make_function(
-                self._replica_axis_logs(self.train_step)
-            )
+            self.train_function = keras_internals.make_function(
+                self, self._replica_axis_logs(self.train_step))
         return self.train_function
 
     def make_test_function(self, force=False):
         if self.test_function is None or force:
-            self.test_function = self._make_function(
-                self._replica_axis_logs(self.test_step)
-            )
+            self.test_function = keras_internals.make_function(
+                self, self._replica_axis_logs(self.test_step))
         return self.test_function
 
     def _replica_axis_logs(self, step):

@@ -8,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from keras_sophia import estimators as estimators_lib
+from keras_sophia import keras_internals
 
 _NO_HESSIAN_WARNING = (
     "Sophia is updating weights but no Hessian estimate has reached it: "
@@ -193,7 +194,8 @@ class Sophia(keras.optimizers.Optimizer):
         accumulation = self.gradient_accumulation_steps
         if accumulation:
             first_micro_batch = ops.equal(
-                ops.mod(self._iterations, accumulation), 0
+                ops.mod(keras_internals.micro_batch_iterations(self),
+                        accumulation), 0
             )
             refresh = ops.logical_and(refresh, first_micro_batch)
         return refresh
@@ -226,7 +228,7 @@ class Sophia(keras.optimizers.Optimizer):
     def hessian_slot(self, variable):
         """The `h` slot of `variable` (None if Keras overwrites it with its
         gradient)."""
-        return self._hessians[self._get_variable_index(variable)]
+        return self._hessians[keras_internals.variable_index(self, variable)]
 
     def hessian_ema(self, h, estimate):
         """`beta_2 * h + (1 - beta_2) * estimate`, the new value of `h`.
@@ -263,7 +265,7 @@ class Sophia(keras.optimizers.Optimizer):
         if not self._hessian_seen:
             warnings.warn(_NO_HESSIAN_WARNING, stacklevel=2)
             self._hessian_seen = True  # once per optimizer is loud enough
-        index = self._get_variable_index(variable)
+        index = keras_internals.variable_index(self, variable)
         m = self._momentums[index]
         h = self._hessians[index]
         lr = ops.cast(learning_rate, variable.dtype)
