@@ -135,7 +135,9 @@ def test_base_optimizer_arguments_act_on_the_gradient(kwargs, grads):
     opt = sophia(**kwargs)
     opt.update_hessian([np.array([100.0, 100.0], "float32")], [var])
     for g in grads:
-        opt.apply([np.array(g, "float32")], [var])
+        # A backend tensor, as in `fit`: Keras's global-norm clip on torch
+        # fails on NumPy gradients (for AdamW too).
+        opt.apply([keras.ops.convert_to_tensor(g, "float32")], [var])
     # Each case reaches the update with g = [1, -0.5]: m = [0.035, -0.0175],
     # rho * h = 0.04, ratio [0.875, -0.4375], var = [1 - 0.4375, 2 + 0.21875].
     np.testing.assert_allclose(var.numpy(), [0.5625, 2.21875], rtol=1e-6)
@@ -272,3 +274,55 @@ def test_win_rate_and_hessian_norm_describe_the_last_update():
     # m = 0.965 * [0.035, -0.105, 0] + 0.035 * [-1, 3, 0]
     #   = [-0.001225, 0.003675, 0]: both now inside.
     np.testing.assert_allclose(opt.win_rate.numpy(), 2 / 3, rtol=1e-6)
+
+
+def test_plain_fit_takes_sign_steps_warns_and_reloads(tmp_path):
+    # Keras's own train step, on every backend torch included: no Hessian
+    # estimate reaches h, so it warns, and with h = 0 each of the 4 steps
+    # moves every weight by exactly lr * sign(m): after 4 steps by an even
+    # multiple of lr (wd = 0).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(sophia(learning_rate=0.25),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.warns(UserWarning, match="SophiaTrainStep"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for b, a in zip(before, model.get_weights()):
+        multiples = (a - b) / 0.25
+        np.testing.assert_allclose(multiples, np.round(multiples), atol=1e-4)
+        assert np.all(np.round(multiples) % 2 == 0)
+        assert np.any(multiples != 0)
+
+    model.save(tmp_path / "plain.keras")
+    loaded = keras.saving.load_model(tmp_path / "plain.keras")
+    assert isinstance(loaded.optimizer, Sophia)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    for a, b in zip(slot_values(model.optimizer, "momentum"),
+                    slot_values(loaded.optimizer, "momentum")):
+        np.testing.assert_array_equal(a, b)
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_mixin_refuses_torch_by_name():
+    # The refresh runs on TensorFlow and JAX; on torch the mixin refuses
+    # as the model is made, rather than train without it.
+    from keras_sophia import SophiaTrainStep
+
+    class LM(SophiaTrainStep, keras.Model):
+        pass
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3)(inputs)
+    if keras.backend.backend() != "torch":
+        assert isinstance(LM(inputs, outputs), SophiaTrainStep)
+        return
+    with pytest.raises(RuntimeError, match="does not support Keras's torch"):
+        LM(inputs, outputs)
