@@ -34,11 +34,17 @@ class SophiaTrainStep(RestoresCompile, MultiWorkerFit):
     (`iterations % k == 0`, step 0 included) `train_step` runs the training
     forward and backward pass once, lets the optimizer's estimator reuse
     them to estimate the Hessian diagonal at the current weights on the
-    current batch, updates `h`, then applies the ordinary update. All other
-    steps are Keras's own `train_step`. The logs gain `win_rate` and
-    `hessian_norm` (see `Sophia`), as of the last refresh. A step with a
-    non-finite gradient is skipped (`skipped_steps`), a non-finite estimate
-    leaves `h` alone (`skipped_refreshes`); both counters are logged.
+    current batch, updates `h`, then applies the ordinary update. On the
+    other steps the pass is `keras_sophia.refresh.forward_backward`: one
+    forward pass, the loss of `compute_loss` (added to the logged `loss`,
+    then scaled by a `LossScaleOptimizer`) and its gradient on one tape,
+    as Keras's own `train_step` computes them, and no estimator. Both
+    kinds of step then end alike: a non-finite gradient skips the update,
+    else the optimizer applies it; then `compute_metrics`. The logs gain
+    `win_rate` and `hessian_norm` (see `Sophia`), as of the last refresh.
+    A step with a non-finite gradient is skipped (`skipped_steps`), a
+    non-finite estimate leaves `h` alone (`skipped_refreshes`); both
+    counters are logged.
 
     The refresh itself is `keras_sophia.refresh.HessianRefresh`. On more
     than one replica (see `keras_sophia.distributed`) gradients are

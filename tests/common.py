@@ -1,5 +1,9 @@
-"""Test helpers that run on either Keras backend (TensorFlow, JAX):
+"""Test helpers that run on either Keras backend (TensorFlow, JAX), and
+the tf.distribute ones (TensorFlow only, imported when called):
 `tests/conftest.py` and `tests_jax/conftest.py` both take them from here."""
+
+import functools
+import os
 
 import keras
 import numpy as np
@@ -7,6 +11,12 @@ import numpy as np
 import keras_sophia
 from keras_sophia import Sophia
 from keras_sophia import estimate_hessian
+
+# The loss of every classifier and language model in the tests.
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+AUSTEN = os.path.join(os.path.dirname(__file__), os.pardir, "train", "data",
+                      "austen.txt")
 
 
 @keras.saving.register_keras_serializable(package="keras_sophia_tests")
@@ -77,3 +87,67 @@ def gradients(model, loss, x, y):
     with tf.GradientTape() as tape:
         value = loss(y, model(x, training=True))
     return tape.gradient(value, model.trainable_variables)
+
+
+def byte_windows(count, block, start=0):
+    """`count` consecutive, disjoint windows of `block + 1` bytes of the
+    embedded corpus from byte `start`, as (x, y) for a GPT-2 over the 256
+    byte values (no tokenizer): x the first `block` bytes of each window,
+    with a padding mask of ones, y the `block` bytes after the first."""
+    with open(AUSTEN, "rb") as f:
+        f.seek(start)
+        raw = f.read(count * (block + 1))
+    windows = np.frombuffer(raw, np.uint8).astype("int32")
+    windows = windows.reshape(count, block + 1)
+    x = {"token_ids": windows[:, :-1],
+         "padding_mask": np.ones((count, block), "int32")}
+    return x, windows[:, 1:]
+
+
+@functools.cache
+def mirrored(devices):
+    """One strategy per device set for the whole process: a second
+    MirroredStrategy would reuse the first one's collective keys (TF then
+    aborts on a shape mismatch), and a group of another size on the same
+    keys is refused too, so four devices reduce through one device."""
+    import tensorflow as tf
+
+    if len(devices) == 2:
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def replica_values(variable):
+    """Numpy copy of each replica's component of a mirrored variable."""
+    return [t.numpy() for t in variable.value.values]
+
+
+def train(make_optimizer, devices=None, x=None, y=None, steps=4,
+          batch_size=16):
+    """Trains `tiny_classifier` from the same initial weights on `steps`
+    global batches (or on `x, y` in order), on `devices` (None: one
+    device, no strategy). Returns the model."""
+    import tensorflow as tf
+
+    if x is None:
+        x, y = classification_data(n=batch_size * steps)
+    strategy = mirrored(devices) if devices else tf.distribute.get_strategy()
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = tiny_classifier()
+        model.compile(make_optimizer(), CE)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False,
+              verbose=0)
+    return model
+
+
+def state(model, leave_out=None):
+    """Weights then optimizer variables (but those named with
+    `leave_out`), one list of replica copies each."""
+    return [
+        replica_values(v) if hasattr(v.value, "values") else [v.numpy()]
+        for v in model.trainable_variables + model.optimizer.variables
+        if leave_out is None or leave_out not in v.name
+    ]

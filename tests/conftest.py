@@ -25,13 +25,19 @@ tf.config.set_logical_device_configuration(
 CPUS = [f"/cpu:{i}" for i in range(4)]
 
 # The helpers the test files import from here (`from conftest import ...`).
+from common import CE  # noqa: E402,F401
 from common import SophiaModel  # noqa: E402,F401
+from common import byte_windows  # noqa: E402,F401
 from common import classification_data  # noqa: E402,F401
 from common import estimate_draws  # noqa: E402,F401
 from common import gradients  # noqa: E402,F401
 from common import least_squares  # noqa: E402,F401
+from common import mirrored  # noqa: E402,F401
+from common import replica_values  # noqa: E402,F401
 from common import slot_values  # noqa: E402,F401
+from common import state  # noqa: E402,F401
 from common import tiny_classifier  # noqa: E402,F401
+from common import train  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,18 +1,16 @@
 """NaN and Inf never reach m, h or the weights: a step with a non-finite
 gradient is skipped and counted; a non-finite estimate leaves h alone."""
 
-import keras
 import numpy as np
 import pytest
+from conftest import CE
 from conftest import CPUS
 from conftest import classification_data
+from conftest import state
 from conftest import tiny_classifier
-from test_distributed import state
-from test_distributed import train
+from conftest import train
 
 from keras_sophia import Sophia
-
-CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def fit(x, y, interval, estimator, devices=None):

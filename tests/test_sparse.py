@@ -10,11 +10,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CE
 from conftest import SophiaModel, slot_values
 
 import keras_sophia
 
-CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 VOCAB, LENGTH, WIDTH, CLASSES = 20, 6, 4, 5
 
 

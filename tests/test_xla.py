@@ -7,12 +7,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CE
 from conftest import tiny_gpt2
 
 from keras_sophia import Sophia
 from keras_sophia import estimate_hessian
-
-CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def compiled_gpt2(jit_compile=False, estimator="gnb",

@@ -20,6 +20,9 @@ import pytest  # noqa: E402
 # test files from here as there.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
                                 "tests"))
+from common import AUSTEN  # noqa: E402,F401
+from common import CE  # noqa: E402,F401
+from common import byte_windows  # noqa: E402,F401
 from common import classification_data  # noqa: E402,F401
 from common import slot_values  # noqa: E402,F401
 from common import tiny_classifier  # noqa: E402,F401

@@ -4,11 +4,98 @@
 are TensorFlow programs throughout (tf.distribute, TensorFlow's memory
 counters, the comparison's runs), so each `main` first calls
 `require_tensorflow`.
+
+Every `python -m train.X` imports this package first, so TensorFlow is
+first imported here, by `import_tensorflow`: on a machine without an
+NVIDIA driver, without the lines of its search for a GPU.
 """
 
+import contextlib
+import ctypes
+import os
+import subprocess
 import sys
 
-import keras
+# What TensorFlow's CUDA build prints while it looks for a GPU: at import,
+# the CUDA runtime not found (INFO) and cuDNN/cuFFT/cuBLAS factories
+# registered twice (ERROR); at the first device listing, cuInit failing
+# (ERROR). With no driver on the machine none of it can be acted on.
+CUDA_PROBE = (r"Could not find cuda drivers on your machine"
+              r"|Unable to register cu[A-Za-z]+ factory"
+              r"|failed call to cuInit")
+
+# Copies its stdin to its stdout line by line, but for lines matching
+# argv[1].
+_FILTER = """
+import re, sys
+pattern = re.compile(sys.argv[1].encode())
+for line in sys.stdin.buffer:
+    if not pattern.search(line):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+"""
+
+
+def no_nvidia_driver():
+    """Whether this machine has no NVIDIA driver (no /dev/nvidiactl, no
+    libcuda), so no GPU can be found whatever TensorFlow tries."""
+    if os.path.exists("/dev/nvidiactl"):
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def stderr_without(pattern):
+    """Runs the block with file descriptor 2 (where TensorFlow's C++ code
+    writes, below Python's `sys.stderr`) passed through a child process
+    that leaves out the lines matching the regular expression `pattern`.
+
+    A child process, not a thread: while TensorFlow's libraries load, this
+    process holds the GIL, and if a fatal error ends it there, the child
+    still forwards what was written before."""
+    sys.stderr.flush()
+    try:
+        stderr = os.dup(2)
+    except OSError:  # no stderr at all (a closed descriptor 2)
+        yield
+        return
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-c", _FILTER, pattern],
+        stdin=subprocess.PIPE, stdout=stderr, stderr=stderr)
+    os.dup2(child.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        child.stdin.close()  # its last writer: the child drains and exits
+        child.wait()
+
+
+def import_tensorflow():
+    """Imports TensorFlow and lists its devices (the GPU search happens on
+    the first listing) without the `CUDA_PROBE` lines, when there is no
+    NVIDIA driver. Only those: TensorFlow's other messages at every level,
+    Python's warnings and tracebacks and a crash's last output still show.
+    With a GPU driver the lines are kept (there, cuInit failing is news).
+    If TF_CPP_MIN_LOG_LEVEL is set, the user has chosen what TensorFlow
+    shows, and it is left alone."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or not no_nvidia_driver():
+        return
+    with stderr_without(CUDA_PROBE):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+import_tensorflow()
+
+import keras  # noqa: E402
 
 
 def require_tensorflow(program):

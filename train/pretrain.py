@@ -5,7 +5,7 @@ strategy, or on Keras's JAX backend.
     python -m train.pretrain --optimizer adamw --steps 400
     python -m train.pretrain --config gpt2-small-sophia-g --strategy tpu
     python -m train.pretrain --out runs/a --resume # continue runs/a
-    KERAS_BACKEND=jax python -m train.pretrain     # the same on JAX
+    KERAS_BACKEND=jax python -m train.pretrain --out runs/jax  # on JAX
 
 On JAX the batches still come from tf.data, `--strategy mirrored` is
 `keras.distribution.DataParallel` over every device JAX sees, and the
