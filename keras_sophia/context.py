@@ -56,21 +56,31 @@ class EstimatorContext:
             the first backward pass's intermediate values stay alive until
             it is done (there, 5.3 times a training gradient's peak
             memory).
-        uniform(shape), normal(shape): float32 draws in [0, 1) and from a
-            standard normal, independent per call and per replica, and a
-            pure function of `(optimizer.seed, iterations)`, so a resumed
-            run draws the same numbers. One tensor of `shape` (normal: two).
+        uniform(shape, per_example=False), normal(shape): float32 draws
+            in [0, 1) and from a standard normal, independent per call and
+            per replica, and a pure function of `(optimizer.seed,
+            iterations)`, so a resumed run draws the same numbers. One
+            tensor of `shape` (normal: two). Every chunk of a chunked
+            refresh (`Sophia(hessian_chunks=...)`) draws the same numbers
+            for the same calls: one probe for all chunks. With
+            `per_example=True`, `shape[0]` is this batch's axis and the
+            draw is this chunk's rows of one draw over the whole Hessian
+            share, so chunked and unchunked refreshes draw alike.
+        examples: The number of examples in `x` (a float32 scalar), to
+            weigh a mean over this batch against other chunks and replicas.
     """
 
     def __init__(self, model, x, y, sample_weight, y_pred, variables,
-                 scaled_grads, scale, inner, outer, seed):
+                 scaled_grads, scale, inner, outer, seed, rows=None):
         # `inner` recorded the forward pass, `outer` the training gradient
         # `scaled_grads` (or a function that computes it on first use), of
         # the loss times `scale` (loss scaling keeps
         # fp16 backward passes from underflowing, and Keras divides each
         # replica's loss by the number of replicas); the scale is undone
         # here, so an estimator sees this replica's own mean loss. `seed`
-        # is the step's stateless seed, shape (2,).
+        # is the step's stateless seed, shape (2,); `rows` = (first row,
+        # rows of the share) places a chunk's per-example draws (None: this
+        # batch is the share).
         self.model = model
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.y_pred = y_pred
@@ -85,6 +95,12 @@ class EstimatorContext:
             seed, replica_id, alg="philox"
         )
         self._draws = 0
+        self._rows = rows
+
+    @property
+    def examples(self):
+        first = next(t for t in tf.nest.flatten(self.x) if t is not None)
+        return tf.cast(tf.shape(first)[0], tf.float32)
 
     @property
     def grads(self):
@@ -151,12 +167,20 @@ class EstimatorContext:
     # eager execution does for a seed computed at run time (measured with
     # TF 2.21), while the integer draws agree bit for bit. So a compiled
     # run draws the same probes and labels as an eager one.
-    def uniform(self, shape):
+    def uniform(self, shape, per_example=False):
         """Uniform in [0, 1) on a 2**-24 grid (float32's resolution)."""
+        start = None
+        if per_example and self._rows is not None:
+            start, share = self._rows
+            size, shape = shape[0], [share, *shape[1:]]
         bits = tf.random.stateless_uniform(
             shape, seed=self._next_seed(), minval=0, maxval=_GRID,
             dtype=tf.int32, alg="philox",
         )
+        if start is not None:
+            rank = len(bits.shape)
+            bits = tf.slice(bits, [start] + [0] * (rank - 1),
+                            [size] + [-1] * (rank - 1))
         return tf.cast(bits, tf.float32) / _GRID
 
     def normal(self, shape):

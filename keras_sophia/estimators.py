@@ -14,11 +14,14 @@ estimator works in two stages: `statistics(context)` returns a list of
 per-variable *sums* and a scalar *count* for this replica's share; the train
 step adds both across replicas; `finalize(sums, count)` turns the totals
 into the estimate. The default `finalize` is the mean `sums / count`, so an
-estimator whose replica estimates should simply be averaged returns
-`(estimates, 1.0)` from `statistics`.
+estimator that estimates the Hessian of its batch's mean loss returns
+`(estimates * context.examples, context.examples)`: its estimates are then
+averaged over replicas, and over the chunks of a chunked refresh
+(`Sophia(hessian_chunks=...)`, which sums chunks as it sums replicas),
+each weighed by its share of the examples.
 
 A plain callable `fn(context) -> estimates` is accepted wherever an
-estimator is, and is averaged across replicas.
+estimator is, and is averaged in the same way.
 """
 
 import abc
@@ -75,7 +78,10 @@ class GaussNewtonBartlett(HessianEstimator):
         # (..., vocab): probabilities in float32, whatever the model dtype.
         scores = ops.cast(y_pred, "float32")
         probs = ops.softmax(scores, axis=-1) if from_logits else scores
-        labels = _sample_labels(probs, context.uniform(ops.shape(probs)[:-1]))
+        # One uniform per loss term, the batch's rows of one draw over the
+        # Hessian share, so a chunked refresh samples the same labels.
+        uniform = context.uniform(ops.shape(probs)[:-1], per_example=True)
+        labels = _sample_labels(probs, uniform)
         weights = _term_weights(context, labels, sparse, ignore_class)
         cotangent = _sampled_ce_cotangent(probs, labels, weights, from_logits)
         # The sum over terms of the sampled-label gradients, i.e. B * g_hat.
@@ -148,8 +154,11 @@ class Hutchinson(HessianEstimator):
             total = sample if total is None else [
                 None if t is None else t + s for t, s in zip(total, sample)
             ]
-        mean = [None if t is None else t / self.num_samples for t in total]
-        return mean, 1.0
+        # The mean over this batch, weighed by its examples against other
+        # chunks and replicas: H of the mean loss over all of them.
+        weight = context.examples / self.num_samples
+        return [None if t is None else t * weight for t in total], (
+            context.examples)
 
     def get_config(self):
         return {
@@ -166,7 +175,9 @@ class FunctionEstimator(HessianEstimator):
         self.fn = fn
 
     def statistics(self, context):
-        return list(self.fn(context)), 1.0
+        # Weighed by examples, as Hutchinson's (chunks may differ by one).
+        return [None if e is None else e * context.examples
+                for e in self.fn(context)], context.examples
 
     def get_config(self):
         return {"fn": keras.saving.serialize_keras_object(self.fn)}

@@ -35,28 +35,31 @@ class EstimatorContext:
 
     * `y_pred`, `grads`: from the step's own forward pass and backward
       pass (`jax.vjp` of the loss and the output together). Free on the
-      whole batch. On a slice (`hessian_batch_fraction` below 1) `y_pred`
-      is the slice of the batch's output and `grads` one more forward and
-      backward pass through the slice.
+      whole batch in one chunk. Otherwise (`hessian_batch_fraction` below
+      1, or `hessian_chunks` above 1) each chunk of the Hessian share
+      has a forward pass of its own, and `grads` is one more backward
+      pass through the chunk.
     * `vjp(cotangents)`: the recorded forward pass's pullback, one backward
-      pass (2F). On a slice the cotangent is zero outside it, so the pass
-      runs through the whole batch.
+      pass (2F) through this context's batch.
     * `hvp(vectors)`: forward over reverse (`jax.jvp` of the gradient):
       a forward and backward pass of its own with tangents, about three
       gradients' worth; it does not reuse the step's pass.
-    * `uniform(shape)`, `normal(shape)`: float32 draws from
-      `(optimizer.seed, iterations)`, so a resumed run draws the same.
+    * `uniform(shape, per_example=False)`, `normal(shape)`: float32 draws
+      from `(optimizer.seed, iterations)`, so a resumed run draws the
+      same; per-example draws are this chunk's rows of one draw over the
+      share, as on TensorFlow.
+    * `examples`: the number of examples in `x`.
     * `variables`: the step's values of the trainable variables (arrays,
       in `model.trainable_variables` order): the step is stateless, so the
       Keras variables themselves do not hold them.
     """
 
     def __init__(self, model, x, y, sample_weight, y_pred, grads, pullback,
-                 loss_of, values, key, take=None):
-        # `pullback(c)` is the step's backward pass with cotangent c on the
-        # (whole-batch) output; `loss_of(values)` the training loss of
-        # this context's batch; `take` cuts the slice out of a batch-sized
-        # tensor (None: the whole batch).
+                 loss_of, values, key, rows=None):
+        # `pullback(c)` is the backward pass of this context's batch with
+        # cotangent c on its output; `loss_of(values)` its training loss;
+        # `rows` = (first row, rows of the share) places a chunk's
+        # per-example draws (None: this batch is the share).
         self.model = model
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.y_pred = y_pred
@@ -64,7 +67,11 @@ class EstimatorContext:
         self._grads, self._pullback = grads, pullback
         self._loss_of, self._values = loss_of, values
         self._key, self._draws = key, 0
-        self._take = take
+        self._rows = rows
+
+    @property
+    def examples(self):
+        return jnp.float32(jax.tree.leaves(self.x)[0].shape[0])
 
     @property
     def grads(self):
@@ -77,9 +84,6 @@ class EstimatorContext:
         # pullback requires.
         cotangents = jax.tree.map(lambda c, y: jnp.asarray(c, y.dtype),
                                   cotangents, self.y_pred)
-        if self._take is not None:
-            # Zero outside the slice: a cotangent for the whole output.
-            cotangents = jax.tree.map(self._take.pad, cotangents)
         products = self._pullback(cotangents)
         return [jnp.asarray(p, jnp.float32) for p in products]
 
@@ -90,11 +94,18 @@ class EstimatorContext:
                               (vectors,))
         return [jnp.asarray(p, jnp.float32) for p in products]
 
-    def uniform(self, shape):
+    def uniform(self, shape, per_example=False):
         """Uniform in [0, 1) on a 2**-24 grid, as on TensorFlow."""
         self._draws += 1
         key = jax.random.fold_in(self._key, self._draws)
-        bits = jax.random.randint(key, tuple(shape), 0, _GRID, jnp.int32)
+        shape = tuple(shape)
+        if per_example and self._rows is not None:
+            start, share = self._rows
+            bits = jax.lax.dynamic_slice_in_dim(
+                jax.random.randint(key, (share,) + shape[1:], 0, _GRID,
+                                   jnp.int32), start, shape[0])
+        else:
+            bits = jax.random.randint(key, shape, 0, _GRID, jnp.int32)
         return bits.astype(jnp.float32) / _GRID
 
     def normal(self, shape):
@@ -135,19 +146,10 @@ class SophiaTrainStep(RestoresCompile):
             sample_weight)
 
         def refresh(optimizer_values):
-            (loss, y_pred), pullback, aux = jax.vjp(
-                loss_and_output, trainable, has_aux=True)
-            (grads,) = pullback((jnp.ones_like(loss),
-                                 jax.tree.map(jnp.zeros_like, y_pred)))
-
-            def output_pullback(cotangents):
-                return pullback((jnp.zeros_like(loss), cotangents))[0]
-
             key = _step_key(sophia.seed, iterations)
-            context = _context(self, sophia, x, y, sample_weight, y_pred,
-                               grads, output_pullback, loss_and_output,
-                               trainable, key)
-            sums, count = sophia.estimator.statistics(context)
+            aux, grads, (sums, count) = _gather(
+                self, sophia, loss_and_output, trainable, x, y,
+                sample_weight, key)
             estimates = sophia.estimator.finalize(sums, count)
             # The one h update and the one count of a skipped refresh
             # are Sophia's own methods, run on these values.
@@ -173,11 +175,13 @@ class SophiaTrainStep(RestoresCompile):
                         optimizer_values)
             return run
 
+        def ordinary(optimizer_values):
+            return (*_training_pass(trainable, loss_and_output),
+                    list(optimizer_values))
+
         logs, non_trainable, metrics_values, grads, optimizer_values = (
             jax.lax.cond(is_refresh, with_metrics(refresh),
-                         with_metrics(_ordinary_with(trainable,
-                                                     loss_and_output)),
-                         optimizer_values))
+                         with_metrics(ordinary), optimizer_values))
         # A NaN or Inf gradient never reaches m or the weights: the step
         # is skipped and counted (a refresh on it left h alone).
         finite = _all_finite(grads)
@@ -217,55 +221,94 @@ def _loss_and_output(model, non_trainable, metrics, optimizer_values, x, y,
     return loss_and_output
 
 
-def _ordinary_with(trainable, loss_and_output):
-    """Keras's own step: the loss, its gradient and the output, once."""
-    def ordinary(optimizer_values):
-        def loss(values):
-            (scaled, _), aux = loss_and_output(values)
-            return scaled, aux
+def _training_pass(trainable, loss_and_output):
+    """Keras's own step: `(aux, grads)`, the loss, its gradient and the
+    output, once."""
+    def loss(values):
+        (scaled, _), aux = loss_and_output(values)
+        return scaled, aux
 
-        (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-        return aux, grads, list(optimizer_values)
-    return ordinary
+    (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    return aux, grads
 
 
-def _context(model, sophia, x, y, sample_weight, y_pred, grads, pullback,
-             loss_and_output, trainable, key):
-    """The estimator context of a refresh step, on the slice the
-    optimizer's `hessian_batch_fraction` asks for."""
-    def loss_of(values, x=x, y=y, sample_weight=sample_weight):
-        return loss_and_output(values, x, y, sample_weight)[0][0]
-
+def _gather(model, sophia, loss_and_output, trainable, x, y, sample_weight,
+            key):
+    """`(aux, grads, (sums, count))` of a refresh step: the training pass
+    and the estimator's statistics, as `refresh.gather` on TensorFlow. On
+    the whole batch in one chunk the estimator shares the step's forward
+    pass; otherwise the pass is Keras's own and the estimator runs on the
+    leading share of the batch in `hessian_chunks` chunks, each with a
+    forward pass of its own, in a loop of one chunk at a time."""
     fraction = sophia.hessian_batch_fraction
-    if fraction == 1.0:
-        return EstimatorContext(model, x, y, sample_weight, y_pred, grads,
-                                pullback, loss_of, trainable, key)
-    take = _Slice(fraction, x)
-    part = jax.tree.map(take, (x, y, sample_weight))
+    share = max(int(fraction * jax.tree.leaves(x)[0].shape[0]), 1)
+    chunks = sophia.chunks_for(share)
+    if fraction == 1.0 and chunks == 1:
+        (loss, y_pred), pullback, aux = jax.vjp(
+            loss_and_output, trainable, has_aux=True)
+        (grads,) = pullback((jnp.ones_like(loss),
+                             jax.tree.map(jnp.zeros_like, y_pred)))
+        context = _chunk_context(model, (x, y, sample_weight), y_pred,
+                                 pullback, loss, loss_and_output,
+                                 trainable, key, grads=grads)
+        return aux, grads, sophia.estimator.statistics(context)
+    aux, grads = _training_pass(trainable, loss_and_output)
+    if share % chunks:
+        raise ValueError(
+            f"Argument `hessian_chunks` must divide the {share} examples "
+            "that the Hessian is estimated on (hessian_batch_fraction="
+            f"{fraction} of the batch), so that every chunk has the same "
+            f"shape. Received: hessian_chunks={chunks}")
+    size = share // chunks
+    # Which statistics the estimator leaves None, known once the loop has
+    # traced its body (as on TensorFlow).
+    missing = []
 
-    def slice_loss(values):
-        return loss_of(values, *part)
+    def body(k, carry):
+        sums, count, ready = carry
+        start = k * size
+        part = jax.tree.map(
+            lambda t: None if t is None else jax.lax.dynamic_slice_in_dim(
+                t, start, size), (x, y, sample_weight))
+        (loss, y_pred), pullback, _ = jax.vjp(
+            lambda values: loss_and_output(values, *part), trainable,
+            has_aux=True)
+        context = _chunk_context(model, part, y_pred, pullback, loss,
+                                 loss_and_output, trainable, key,
+                                 rows=(start, share))
+        chunk_sums, chunk_count = sophia.estimator.statistics(context)
+        missing[:] = [c is None for c in chunk_sums]
+        sums = [s if c is None else s + jnp.asarray(c, jnp.float32)
+                for s, c in zip(sums, chunk_sums)]
+        return sums, count + jnp.asarray(chunk_count, jnp.float32), ready
 
-    return EstimatorContext(
-        model, *part, jax.tree.map(take, y_pred),
-        lambda: jax.grad(slice_loss)(trainable), pullback, slice_loss,
-        trainable, key, take=take)
+    # One chunk at a time, after the training pass (the loop carries its
+    # gradients, so it cannot start before them).
+    zeros = [jnp.zeros(v.shape, jnp.float32) for v in trainable]
+    sums, count, _ = jax.lax.fori_loop(
+        0, chunks, body, (zeros, jnp.float32(0.0), grads))
+    return aux, grads, ([None if m else s for m, s in zip(missing, sums)],
+                        count)
 
 
-class _Slice:
-    """The leading `max(1, floor(fraction * batch))` examples of a batch
-    tensor (`__call__`), and a slice-sized tensor padded back (`pad`)."""
+def _chunk_context(model, part, y_pred, pullback, loss, loss_and_output,
+                   trainable, key, grads=None, rows=None):
+    """The estimator context of one chunk `part` = (x, y, sample_weight)
+    from its pass's `pullback`; its gradient is `grads`, or one more
+    backward pass when asked for."""
+    def loss_of(values):
+        return loss_and_output(values, *part)[0][0]
 
-    def __init__(self, fraction, x):
-        self.batch = jax.tree.leaves(x)[0].shape[0]
-        self.size = max(int(fraction * self.batch), 1)
+    def output_pullback(cotangents):
+        return pullback((jnp.zeros_like(loss), cotangents))[0]
 
-    def __call__(self, tensor):
-        return None if tensor is None else tensor[: self.size]
+    if grads is None:
+        def grads():
+            return pullback((jnp.ones_like(loss),
+                             jax.tree.map(jnp.zeros_like, y_pred)))[0]
 
-    def pad(self, tensor):
-        padding = [(0, self.batch - self.size)] + [(0, 0)] * (tensor.ndim - 1)
-        return jnp.pad(tensor, padding)
+    return EstimatorContext(model, *part, y_pred, grads, output_pullback,
+                            loss_of, trainable, key, rows=rows)
 
 
 def _read(optimizer, values, fn):
@@ -333,15 +376,8 @@ def estimate_hessian(model, x, y=None, sample_weight=None, estimator=None,
 
     (loss, y_pred), pullback, _ = jax.vjp(loss_and_output, trainable,
                                           has_aux=True)
-    (grads,) = pullback((jnp.ones_like(loss),
-                         jax.tree.map(jnp.zeros_like, y_pred)))
-
-    def loss_of(values):
-        return loss_and_output(values)[0][0]
-
-    context = EstimatorContext(
-        model, x, y, sample_weight, y_pred, grads,
-        lambda c: pullback((jnp.zeros_like(loss), c))[0], loss_of,
-        trainable, _step_key(seed, 0))
+    context = _chunk_context(model, (x, y, sample_weight), y_pred, pullback,
+                             loss, loss_and_output, trainable,
+                             _step_key(seed, 0))
     sums, count = estimator.statistics(context)
     return estimator.finalize(sums, count)

@@ -66,10 +66,12 @@ class HessianRefresh:
         return y_pred, grads, is_refresh
 
     def _gather(self, x, y, sample_weight):
+        fraction = self.sophia.hessian_batch_fraction
         return gather(self.model, x, y, sample_weight,
                       self.sophia.estimator,
                       step_seed(self.sophia.seed, self.sophia.iterations),
-                      self.sophia.hessian_batch_fraction)
+                      fraction,
+                      self.sophia.chunks_for(_slice_size(fraction, x)))
 
     def _commit(self, sums, count, finite, on_each_replica=None):
         """Checks and updates `h` from the combined statistics (see the
@@ -137,70 +139,116 @@ class HessianRefresh:
 
 
 def gather(model, x, y, sample_weight, estimator, seed, fraction=1.0,
-           track_loss=True):
+           chunks=1, track_loss=True):
     """Forward pass, training gradient and `estimator`'s `(sums, count)`
-    for this replica, sharing one pass; `seed` (shape (2,)) seeds its draws.
+    for this replica; `seed` (shape (2,)) seeds its draws.
 
-    Below a `fraction` of 1 the model is called on the leading slice and on
-    the rest separately and the outputs joined, so the estimator's passes
-    run through the slice only (a layer that normalizes over the batch sees
-    two batches on refresh steps). The inner tape records the forward pass
-    (GNB differentiates the sampled loss through it); the outer tape
-    records the training gradient (Hutchinson differentiates it once more).
-    In a compiled step a tape costs nothing unless a gradient is taken
-    from it.
+    On the whole batch in one chunk the estimator shares the training
+    pass: the inner tape records the forward pass (GNB differentiates the
+    sampled loss through it), the outer one the training gradient
+    (Hutchinson differentiates it once more); in a compiled step a tape
+    costs nothing unless a gradient is taken from it. Otherwise the
+    training pass is Keras's own, and the estimator then runs on the
+    leading `fraction` of the batch in `chunks` consecutive chunks, each
+    with a forward pass of its own, one after the other, so that at most
+    one chunk's passes are alive at a time (see `_in_chunks`).
     """
     variables = model.trainable_weights
-    size = _slice_size(fraction, x)
-    outer = tf.GradientTape(persistent=True)
-    inner = tf.GradientTape(persistent=True)
-    with outer:
-        if size is None:
-            y_pred, loss = training_loss(model, x, y, sample_weight,
-                                         inner, track_loss)
-            part = x, y, sample_weight, y_pred
-        else:
-            head, tail = _split(size, x)
-            with inner:
-                head_pred = model(head, training=True)
-                y_pred = tf.nest.map_structure(
-                    lambda a, b: tf.concat([a, b], 0), head_pred,
-                    model(tail, training=True))
-            _, loss = training_loss(model, x, y, sample_weight, inner,
-                                    track_loss, y_pred=y_pred)
-            part = _split(size, (x, y, sample_weight))[0] + (head_pred,)
-        grads = inner.gradient(loss, variables)
     # Undo loss scaling and Keras's 1 / replicas factor, so the
     # estimator sees this replica's own mean loss.
     scale = model.optimizer.scale_loss(1.0) if model.optimizer else 1.0
     scale = scale / tf.distribute.get_strategy().num_replicas_in_sync
-    if size is None:
-        estimator_grads = grads
-    else:
-        # The slice's own training gradient, built on first use (GNB
-        # never asks): one backward pass through the slice.
-        def estimator_grads():
-            with outer:
-                _, part_loss = training_loss(
-                    model, *part[:3], inner, False, y_pred=part[3])
-                return inner.gradient(part_loss, variables)
-    context = EstimatorContext(model, *part, variables, estimator_grads,
-                               scale, inner, outer, seed)
-    # After the training backward pass, not beside it: the graph executor
-    # would otherwise run both at once and hold the logits-sized tensors
-    # of each (for GNB on the tiny GPT-2, 1.7 times the peak bytes).
-    done = [g for g in tf.nest.flatten(grads, expand_composites=True)
-            if g is not None]
-    with tf.control_dependencies(done):
-        statistics = estimator.statistics(context)
-    del inner, outer
+    if fraction == 1.0 and chunks == 1:
+        outer = tf.GradientTape(persistent=True)
+        inner = tf.GradientTape(persistent=True)
+        with outer:
+            y_pred, loss = training_loss(model, x, y, sample_weight,
+                                         inner, track_loss)
+            grads = inner.gradient(loss, variables)
+        context = EstimatorContext(model, x, y, sample_weight, y_pred,
+                                   variables, grads, scale, inner, outer,
+                                   seed)
+        # After the training backward pass, not beside it: the graph
+        # executor would otherwise run both at once and hold the
+        # logits-sized tensors of each.
+        with tf.control_dependencies(_flat(grads)):
+            statistics = estimator.statistics(context)
+        del inner, outer
+        return y_pred, grads, statistics
+    y_pred, grads = forward_backward(model, x, y, sample_weight,
+                                     track_loss)
+    statistics = _in_chunks(model, (x, y, sample_weight), grads, estimator,
+                            seed, scale, fraction, chunks)
     return y_pred, grads, statistics
 
 
-def forward_backward(model, x, y, sample_weight):
+def _in_chunks(model, data, grads, estimator, seed, scale, fraction,
+               chunks):
+    """The estimator's `(sums, count)` over the Hessian share of `data` =
+    (x, y, sample_weight), chunk after chunk.
+
+    A `tf.while_loop` with one iteration at a time: neither the graph
+    executor nor XLA (which drops control dependencies) may run two
+    chunks, or a chunk beside the training backward pass, at once. The
+    loop carries the training gradients for the second reason: it cannot
+    start before they exist.
+    """
+    variables = model.trainable_weights
+    share = _slice_size(fraction, data[0])
+    # Which statistics the estimator leaves None (the loss does not
+    # depend on the variable): known once the loop has traced its body,
+    # which `tf.while_loop` does before it returns.
+    missing = []
+
+    def body(k, sums, count, ready):
+        start, size = _chunk_rows(share, chunks, k, fraction)
+        part = tf.nest.map_structure(
+            lambda t: None if t is None else _slice_rows(t, start, size),
+            data)
+        chunk_sums, chunk_count = _chunk_statistics(
+            model, part, estimator, seed, scale, (start, share))
+        missing[:] = [c is None for c in chunk_sums]
+        sums = [s if c is None else s + tf.cast(c, tf.float32)
+                for s, c in zip(sums, chunk_sums)]
+        return k + 1, sums, count + tf.cast(chunk_count, tf.float32), ready
+
+    zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
+    _, sums, count, _ = tf.while_loop(
+        lambda k, *_: k < chunks, body,
+        (tf.constant(0), zeros, tf.constant(0.0), _flat(grads)),
+        parallel_iterations=1)
+    return [None if m else s for m, s in zip(missing, sums)], count
+
+
+def _chunk_statistics(model, part, estimator, seed, scale, rows):
+    """The estimator's statistics on one chunk `part` = (x, y,
+    sample_weight), from a forward pass of its own; `rows` = (first row,
+    rows of the whole share) places the chunk's per-example draws."""
+    variables = model.trainable_weights
+    outer = tf.GradientTape(persistent=True)
+    inner = tf.GradientTape(persistent=True)
+    with outer:
+        with inner:
+            y_pred = model(part[0], training=True)
+
+    # The chunk's own training gradient, built on first use (GNB never
+    # asks): one backward pass through the chunk.
+    def grads():
+        with outer:
+            _, loss = training_loss(model, *part, inner, False,
+                                    y_pred=y_pred)
+            return inner.gradient(loss, variables)
+
+    context = EstimatorContext(model, *part, y_pred, variables, grads,
+                               scale, inner, outer, seed, rows=rows)
+    return estimator.statistics(context)
+
+
+def forward_backward(model, x, y, sample_weight, track_loss=True):
     """The step's `(y_pred, grads)` as Keras's `train_step` computes them."""
     tape = tf.GradientTape()
-    y_pred, loss = training_loss(model, x, y, sample_weight, tape)
+    y_pred, loss = training_loss(model, x, y, sample_weight, tape,
+                                 track_loss)
     return y_pred, tape.gradient(loss, model.trainable_weights)
 
 
@@ -244,11 +292,17 @@ def step_seed(seed, iterations):
         [tf.constant(seed, tf.int64), tf.cast(iterations, tf.int64)])
 
 
+def _flat(tensors):
+    """The tensors of a list of gradients (IndexedSlices opened), for
+    control dependencies."""
+    return [t for t in tf.nest.flatten(tensors, expand_composites=True)
+            if t is not None]
+
+
 def _slice_size(fraction, x):
-    """`max(1, floor(fraction * batch))`, or None for the whole batch.
-    Static where the batch size is (XLA wants static slices)."""
-    if fraction == 1.0:
-        return None
+    """`max(1, floor(fraction * batch))`: the examples the Hessian is
+    estimated on. Static where the batch size is (XLA wants static
+    slices)."""
     first = next(t for t in tf.nest.flatten(x) if t is not None)
     batch = first.shape[0]
     if batch is None:
@@ -257,9 +311,30 @@ def _slice_size(fraction, x):
     return max(int(fraction * batch), 1)
 
 
-def _split(size, data):
-    """(the first `size` examples of every tensor in `data`, the rest)."""
-    return tuple(
-        tf.nest.map_structure(lambda t: None if t is None else t[part],
-                              data)
-        for part in (slice(None, size), slice(size, None)))
+def _chunk_rows(share, chunks, k, fraction):
+    """(first row, rows) of chunk `k` (a tensor) of the Hessian share.
+
+    Chunks must share one static shape wherever the batch has one (XLA
+    compiles the loop's body once), so `chunks` must divide the share; a
+    batch of unknown size (a graph-mode epoch's last batch) is cut into
+    chunks that differ by at most one row.
+    """
+    if isinstance(share, int):
+        if share % chunks:
+            raise ValueError(
+                f"Argument `hessian_chunks` must divide the {share} "
+                "examples per replica that the Hessian is estimated on "
+                f"(hessian_batch_fraction={fraction} of the batch), so "
+                "that every chunk has the same shape. Received: "
+                f"hessian_chunks={chunks}")
+        return k * (share // chunks), share // chunks
+    start = share * k // chunks
+    return start, share * (k + 1) // chunks - start
+
+
+def _slice_rows(tensor, start, size):
+    """Rows `start:start + size` of `tensor`; static in shape where
+    `size` is a Python int."""
+    rank = len(tensor.shape)
+    return tf.slice(tensor, [start] + [0] * (rank - 1),
+                    tf.concat([[size], tf.shape(tensor)[1:]], 0))

@@ -56,11 +56,24 @@ class Sophia(keras.optimizers.Optimizer):
             when `iterations % k == 0`. Defaults to `10`.
         hessian_batch_fraction: Share of each (per-replica) batch the
             Hessian is estimated on, in (0, 1]: the first
-            `max(1, floor(fraction * batch))` examples. Below 1 the model
-            is called on the slice and the rest separately on refresh
-            steps, so the estimator's passes run through the slice only
-            (cheaper, noisier). The paper's
-            GPT-2 runs used 240 of 480 examples, i.e. 0.5. Defaults to `1.0`.
+            `max(1, floor(fraction * batch))` examples. Below 1 the
+            estimator runs its own forward pass through that share after
+            the training pass (cheaper, noisier). The paper's GPT-2 runs
+            used 240 of 480 examples, i.e. 0.5. Defaults to `1.0`.
+        hessian_chunks: Number of equal, consecutive chunks the Hessian
+            share is cut into on refresh steps (it must divide the share),
+            or `"auto"`. The estimator runs on one chunk at a time, each
+            with its own forward pass, and the chunks' statistics are
+            summed before the estimate is made: the estimate is the same,
+            the refresh's extra memory is divided by the chunks, and one
+            more forward pass over the share is the price. With 1 and the
+            whole batch the estimator reuses the training forward pass
+            instead. `"auto"` takes 2 chunks for GNB and 4 for Hutchinson
+            (the fewest that kept a refresh of the tiny GPT-2 within
+            AdamW's peak memory, BENCHMARKS.md), or the largest divisor of
+            the share below that; 1 for other estimators, and where the
+            batch size is unknown when the step is traced. Defaults to
+            `"auto"`.
         estimator: `"gnb"` (Gauss-Newton-Bartlett, Sophia-G),
             `"hutchinson"` (Sophia-H), or a `HessianEstimator` instance or
             a callable `fn(context) -> estimates` (see
@@ -102,6 +115,7 @@ class Sophia(keras.optimizers.Optimizer):
         weight_decay=0.1,
         hessian_update_interval=10,
         hessian_batch_fraction=1.0,
+        hessian_chunks="auto",
         estimator="gnb",
         seed=None,
         name="sophia",
@@ -138,6 +152,16 @@ class Sophia(keras.optimizers.Optimizer):
                 "Argument `hessian_batch_fraction` must be in (0, 1]. "
                 f"Received: hessian_batch_fraction={hessian_batch_fraction!r}"
             )
+        if hessian_chunks != "auto" and (
+            isinstance(hessian_chunks, bool)
+            or not isinstance(hessian_chunks, int)
+            or hessian_chunks < 1
+        ):
+            raise ValueError(
+                "Argument `hessian_chunks` must be an integer >= 1 or "
+                "'auto'. "
+                f"Received: hessian_chunks={hessian_chunks!r}"
+            )
         if seed is None:
             seed = random.randrange(2**31)
         self.beta_1 = beta_1
@@ -146,6 +170,7 @@ class Sophia(keras.optimizers.Optimizer):
         self.epsilon = epsilon
         self.hessian_update_interval = hessian_update_interval
         self.hessian_batch_fraction = float(hessian_batch_fraction)
+        self.hessian_chunks = hessian_chunks
         self.estimator = estimators_lib.get(estimator)
         self.seed = int(seed)
         # Python-side flag, set when `update_hessian` is traced or run; the
@@ -200,6 +225,19 @@ class Sophia(keras.optimizers.Optimizer):
             refresh = ops.logical_and(refresh, first_micro_batch)
         return refresh
 
+    def chunks_for(self, share):
+        """The chunks a refresh cuts a Hessian share of `share` examples
+        into (see `hessian_chunks`). `share` is a tensor where the batch
+        size is not known when the step is traced; `"auto"` then keeps one
+        chunk, as XLA cannot slice a batch of unknown size."""
+        if self.hessian_chunks != "auto":
+            return self.hessian_chunks
+        if not isinstance(share, int):
+            return 1
+        wanted = {estimators_lib.GaussNewtonBartlett: 2,
+                  estimators_lib.Hutchinson: 4}.get(type(self.estimator), 1)
+        return max(n for n in range(1, wanted + 1) if share % n == 0)
+
     def update_hessian(self, estimates, variables):
         """EMA of the Hessian diagonal: `h = beta_2 * h + (1 - beta_2) * e`.
 
@@ -233,9 +271,12 @@ class Sophia(keras.optimizers.Optimizer):
     def hessian_ema(self, h, estimate):
         """`beta_2 * h + (1 - beta_2) * estimate`, the new value of `h`.
 
-        `SophiaTrainStep` applies it on every replica's copy of `h` after
-        the replicas' estimates are combined; `update_hessian` applies it
-        on one device.
+        Its one caller is `update_hessian`, once per `h` slot. The train
+        steps call that method when a refresh's estimate is finite: on
+        TensorFlow `refresh.HessianRefresh` (on several replicas once on
+        each replica's copy of `h`, after the replicas' statistics are
+        summed); on JAX `jax_step.SophiaTrainStep`, in the refresh branch
+        of the step, on the step's optimizer state.
         """
         estimate = ops.cast(estimate, h.dtype)
         # Hessian EMA (Alg. 3), no bias correction.
@@ -295,6 +336,7 @@ class Sophia(keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
                 "hessian_update_interval": self.hessian_update_interval,
                 "hessian_batch_fraction": self.hessian_batch_fraction,
+                "hessian_chunks": self.hessian_chunks,
                 "estimator": keras.saving.serialize_keras_object(
                     self.estimator
                 ),

@@ -34,7 +34,7 @@ def fix_draws():
     with one process; that replicas draw their own numbers is tested in
     test_distributed.py."""
     keras_sophia.EstimatorContext.uniform = (
-        lambda self, shape: tf.fill(shape, 0.25)
+        lambda self, shape, per_example=False: tf.fill(shape, 0.25)
     )
 
 

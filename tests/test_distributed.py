@@ -2,65 +2,21 @@
 ends each step with the same weights, m and h, and those equal a
 single-device run on the same global batches."""
 
-import functools
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CE
 from conftest import CPUS
 from conftest import classification_data
+from conftest import mirrored
+from conftest import replica_values
+from conftest import state
 from conftest import tiny_classifier
+from conftest import train
 
 from keras_sophia import EstimatorContext
 from keras_sophia import Sophia
-
-CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-@functools.cache
-def mirrored(devices):
-    """One strategy per device set for the whole process: a second
-    MirroredStrategy would reuse the first one's collective keys (TF then
-    aborts on a shape mismatch), and a group of another size on the same
-    keys is refused too, so four devices reduce through one device."""
-    if len(devices) == 2:
-        return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-
-
-def replica_values(variable):
-    """Numpy copy of each replica's component of a mirrored variable."""
-    return [t.numpy() for t in variable.value.values]
-
-
-def train(make_optimizer, devices=None, x=None, y=None, steps=4,
-          batch_size=16):
-    """Trains `tiny_classifier` from the same initial weights on `steps`
-    global batches (or on `x, y` in order), on `devices` (None: one
-    device, no strategy). Returns the model."""
-    if x is None:
-        x, y = classification_data(n=batch_size * steps)
-    strategy = mirrored(devices) if devices else tf.distribute.get_strategy()
-    keras.utils.set_random_seed(0)
-    with strategy.scope():
-        model = tiny_classifier()
-        model.compile(make_optimizer(), CE)
-    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False,
-              verbose=0)
-    return model
-
-
-def state(model, leave_out=None):
-    """Weights then optimizer variables (but those named with
-    `leave_out`), one list of replica copies each."""
-    return [
-        replica_values(v) if hasattr(v.value, "values") else [v.numpy()]
-        for v in model.trainable_variables + model.optimizer.variables
-        if leave_out is None or leave_out not in v.name
-    ]
 
 
 @pytest.fixture
@@ -71,7 +27,7 @@ def fixed_draws(monkeypatch):
     Whether replicas draw different numbers is tested separately."""
     monkeypatch.setattr(
         EstimatorContext, "uniform",
-        lambda self, shape: tf.fill(shape, 0.25),
+        lambda self, shape, per_example=False: tf.fill(shape, 0.25),
     )
 
 

@@ -236,3 +236,58 @@ def test_fit_requests_no_dtype_that_jax_truncates(estimator):
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 4
     assert np.asarray(model.optimizer.hessian_norm.numpy()) > 0
+
+
+def refreshed_h(estimator, fraction=1.0, chunks=1, sample_weight=None):
+    """h after one refresh step (step 0) of a small classifier, with the
+    same weights, batch and seed whatever the chunking."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(6, activation="tanh")(inputs)
+    model = SophiaModel(inputs, keras.layers.Dense(7)(hidden))
+    model.compile(
+        Sophia(1e-3, estimator=estimator, hessian_batch_fraction=fraction,
+               hessian_chunks=chunks, seed=11),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 5)).astype("float32")
+    y = rng.integers(0, 7, size=12)
+    model.train_on_batch(x, y, sample_weight=sample_weight)
+    return [v.numpy() for v in model.optimizer.variables
+            if "hessian" in v.name]
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+@pytest.mark.parametrize("fraction, chunks", [(1.0, 4), (0.5, 3)])
+def test_chunked_refresh_estimates_what_one_pass_does(
+        estimator, fraction, chunks):
+    # 4 chunks of 3 rows, or a half batch of 6 rows in 1 or 3 chunks,
+    # against one pass over the same rows:
+    # GNB samples the same labels (one draw over the share, cut into
+    # chunks), Hutchinson uses one probe, and the statistics are summed
+    # before the estimate. Only float summation order may differ.
+    weights = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0] * 2, "float32")
+    one_pass = refreshed_h(estimator, fraction if fraction == 1.0 else 1.0)
+    if fraction != 1.0:
+        # The half batch in one pass: chunks=1 over the share, compared
+        # with its 4-chunk version below; first check it is not the whole
+        # batch's estimate.
+        one_pass = refreshed_h(estimator, fraction, 1)
+        whole = refreshed_h(estimator)
+        assert not np.allclose(one_pass[0], whole[0], rtol=1e-3)
+    chunked = refreshed_h(estimator, fraction, chunks)
+    for a, b in zip(one_pass, chunked):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-9)
+    assert np.abs(one_pass[0]).sum() > 0
+    if estimator == "gnb":
+        # Masked terms are left out of every chunk's sums and counts.
+        masked = refreshed_h(estimator, 1.0, 1, weights)
+        for a, b in zip(masked, refreshed_h(estimator, 1.0, chunks, weights)):
+            np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-9)
+
+
+def test_chunks_that_do_not_divide_the_share_are_refused_by_name():
+    with pytest.raises(ValueError, match=(
+            r"`hessian_chunks` must divide the 6 examples.*"
+            r"hessian_chunks=4")):
+        refreshed_h("gnb", 0.5, 4)

@@ -143,7 +143,8 @@ def test_sophia_workers_match_each_other_and_one_process(tmp_path, optimizer,
     # unclipped coordinate moves lr * m / (rho * h), which amplifies that
     # in the weights (see test_distributed.py), hence atol 1e-5.
     monkeypatch.setattr(worker.keras_sophia.EstimatorContext, "uniform",
-                        lambda self, shape: worker.tf.fill(shape, 0.25))
+                        lambda self, shape, per_example=False:
+                        worker.tf.fill(shape, 0.25))
     assert_same_keys_and_values(
         first, single_process(optimizer), rtol=1e-5, atol=1e-5
     )
