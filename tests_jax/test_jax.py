@@ -15,13 +15,14 @@ import jax
 import keras
 import numpy as np
 import pytest
+from conftest import AUSTEN
+from conftest import CE
+from conftest import byte_windows
 from conftest import classification_data
 from conftest import slot_values
 from conftest import tiny_classifier
 
 from keras_sophia import Sophia
-
-CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def test_importing_keras_sophia_on_jax_leaves_tensorflow_out():
@@ -87,27 +88,14 @@ def test_what_jax_cannot_do_yet_is_refused_by_name(optimizer, named):
     assert named in str(error.value)
 
 
-def byte_windows(text, block, count, start):
-    """`count` (inputs, next-byte labels) windows of `block` UTF-8 bytes."""
-    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype("int32")
-    starts = start + block * np.arange(count)
-    tokens = np.stack([data[s:s + block + 1] for s in starts])
-    x = {"token_ids": tokens[:, :-1],
-         "padding_mask": np.ones((count, block), "int32")}
-    return x, tokens[:, 1:]
-
-
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
 def test_byte_level_gpt2_trains_with_falling_validation_loss(estimator):
     from models import gpt2
 
-    path = os.path.join(os.path.dirname(__file__), "..", "train", "data",
-                        "austen.txt")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     block = 32
-    train = byte_windows(text, block, 8 * 60, start=0)
-    val = byte_windows(text, block, 64, start=len(text) // 2)
+    train = byte_windows(8 * 60, block)
+    # From the middle of the corpus, far from the training windows.
+    val = byte_windows(64, block, start=os.path.getsize(AUSTEN) // 2)
     model = gpt2.build("byte-s", block_size=block, vocabulary_size=256)
     model.compile(Sophia(2e-3, rho=0.05, hessian_update_interval=5,
                          seed=0, estimator=estimator), CE)
@@ -116,8 +104,10 @@ def test_byte_level_gpt2_trains_with_falling_validation_loss(estimator):
     history = model.fit(*train, batch_size=8, epochs=3, verbose=0,
                         validation_data=val, shuffle=False)
     losses = history.history["val_loss"]
-    # From ln(256) = 5.5 to about 3.2 after the first pass over 60 batches
-    # (GNB 3.24, 3.25, 3.18 over three; Hutchinson 3.29, 3.25, 3.24), lower at the end.
+    print(f"{estimator}: validation losses {np.round(losses, 2)}")
+    # From ln(256) = 5.5 to about 3.2 after the first pass over 60 batches,
+    # lower at the end (measured over three: GNB 3.28, 3.24, 3.22;
+    # Hutchinson 3.24, 3.22, 3.22).
     assert losses[-1] < losses[0] < before - 1.5
     assert losses[-1] < 3.4
     assert history.history["hessian_norm"][-1] > 0
@@ -181,9 +171,11 @@ def test_mixed_bfloat16_keeps_float32_state_and_trains(estimator):
     assert losses[2] < losses[1] < losses[0]
 
 
-def test_the_benchmark_times_sophia_against_adamw_on_jax(tmp_path):
+def test_the_benchmark_times_and_sizes_sophia_against_adamw_on_jax(
+        tmp_path):
     # train.benchmark is a TensorFlow program; its `jax` part times the
-    # steps in a child process of its own on JAX.
+    # steps and reads their compiled peak memory in a child process of
+    # its own on JAX.
     root = os.path.join(os.path.dirname(__file__), "..")
     out = tmp_path / "bench.json"
     subprocess.run(
@@ -192,12 +184,37 @@ def test_the_benchmark_times_sophia_against_adamw_on_jax(tmp_path):
         capture_output=True, env={**os.environ,
                                   "KERAS_BACKEND": "tensorflow"})
     result = json.loads(out.read_text())
+    # What the part must write, not how fast anything ran (speed is what
+    # the benchmark reports, not what a test asserts).
+    times = result["seconds"]["jax_train_step"]
+    assert set(times) == {"adamw", "sophia_g", "sophia_h",
+                          "keras_step_sophia"}
+    for run in times.values():
+        # One per-step figure per timed k-step cycle; the ratios use the
+        # median one.
+        assert len(run["cycles"]) == result["settings"]["cycles"]
+        measured = run["cycles"] + [run["refresh_step"], run["ordinary_step"]]
+        assert all(np.isfinite(t) and t > 0 for t in measured)
+        assert run["step"] == pytest.approx(np.median(run["cycles"]))
+    for name in ("sophia_g", "sophia_h"):
+        assert result["jax_step_time_ratio_vs_adamw"][name] == (
+            pytest.approx(times[name]["step"] / times["adamw"]["step"]))
+        assert result["jax_ordinary_step_ratio_vs_keras_step"][name] == (
+            pytest.approx(times[name]["ordinary_step"]
+                          / times["keras_step_sophia"]["ordinary_step"]))
     for field in ("jax_step_time_ratio_vs_adamw",
                   "jax_ordinary_step_ratio_vs_keras_step"):
-        ratios = result[field]
-        assert set(ratios) == {"sophia_g", "sophia_h"}
-        assert all(0 < r < 10 for r in ratios.values())
-    times = result["seconds"]["jax_train_step"]["sophia_h"]
-    # A Hutchinson refresh step is dearer than an ordinary one.
-    assert times["refresh_step"] > times["ordinary_step"]
-    assert "Keras on JAX" in (tmp_path / "bench.md").read_text()
+        assert set(result[field]) == {"sophia_g", "sophia_h"}
+    # The peak device bytes of each compiled step (XLA's buffers), over
+    # AdamW's for Sophia-G and Sophia-H on the whole and half the batch.
+    peaks = result["peak_memory_bytes"]
+    assert peaks["adamw_jax"] > 0
+    ratios = result["peak_memory_ratio_vs_adamw"]
+    assert set(ratios) == {"sophia_g_jax", "sophia_g_half_batch_jax",
+                           "sophia_h_jax", "sophia_h_half_batch_jax"}
+    for cell, ratio in ratios.items():
+        assert np.isfinite(ratio) and ratio > 0
+        assert ratio == pytest.approx(peaks[cell] / peaks["adamw_jax"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "Keras on JAX" in table
+    assert "peak device memory, sophia_h_half_batch_jax" in table

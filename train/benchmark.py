@@ -25,6 +25,9 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   CPU allocator) held during a short `train.pretrain` run of each Sophia
   variant over AdamW's, each in a fresh process (see PEAK_RSS_CHILD);
   `process_memory_ratio_vs_adamw`: the same for the process's peak RSS.
+  Its `*_jax` cells (`--parts jax`) are the same over the train step
+  compiled by Keras's JAX backend, from XLA's buffer assignment (see
+  `jax_peak_bytes`), whose bytes are `peak_memory_bytes`.
 * `hvp_time_in_gradients`: a training gradient with one Hessian-vector
   product (Sophia-H's refresh), in training gradients, made reverse over
   reverse (what `EstimatorContext.hvp` does) and forward over reverse.
@@ -478,14 +481,17 @@ def memory_ratios(memory):
 # Times the train steps of AdamW, Sophia-G, Sophia-H and Sophia through
 # Keras's own step on Keras's JAX backend (`KERAS_BACKEND=jax`, a process
 # of its own: the backend is chosen once per process, and this program is
-# a TensorFlow one, so the child imports only keras_sophia and models). Arguments: the output
+# a TensorFlow one, so the child imports only keras_sophia and models), then
+# reads XLA's buffer assignment of the train step of AdamW and each Sophia
+# variant of MEMORY_RUNS (see `jax_peak_bytes`). Arguments: the output
 # file, then a JSON object of settings; it writes each optimizer's step
-# times in order (the parent summarises them as `step_times` does). Each
-# step is `train_on_batch`, which returns the loss as a number, so every
-# step is waited for; the optimizers take turns by cycle, as in
-# `step_times`.
+# times in order (the parent summarises them as `step_times` does) and
+# each memory run's `memory_analysis()` fields. Each step is
+# `train_on_batch`, which returns the loss as a number, so every step is
+# waited for; the optimizers take turns by cycle, as in `step_times`.
 JAX_STEP_CHILD = """
 import json, sys, time
+import jax
 import keras
 import keras_hub
 import numpy as np
@@ -498,18 +504,23 @@ rng = np.random.default_rng(0)
 tokens = rng.integers(0, gpt2.VOCAB_SIZE, size=(8, batch, block + 1))
 batches = [({"token_ids": t[:, :-1], "padding_mask": np.ones_like(t[:, :-1])},
             t[:, 1:]) for t in tokens]
+
+def sophia(**kwargs):
+    return lambda: keras_sophia.Sophia(
+        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0, **kwargs)
+
 optimizers = {
     "adamw": lambda: keras.optimizers.AdamW(1e-4, weight_decay=0.1),
-    "sophia_g": lambda: keras_sophia.Sophia(
-        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0),
-    "sophia_h": lambda: keras_sophia.Sophia(
-        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0,
-        estimator="hutchinson"),
-    "keras_step_sophia": lambda: keras_sophia.Sophia(
-        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0),
+    "sophia_g": sophia(),
+    "sophia_h": sophia(estimator="hutchinson"),
+    "keras_step_sophia": sophia(),
+    # Not timed: only their memory is read, below.
+    "sophia_g_half_batch": sophia(hessian_batch_fraction=0.5),
+    "sophia_h_half_batch": sophia(estimator="hutchinson",
+                                  hessian_batch_fraction=0.5),
 }
-models = {}
-for name, make in optimizers.items():
+
+def build(name):
     keras.utils.set_random_seed(0)
     model = gpt2.build("tiny", block_size=block)
     if name == "keras_step_sophia":
@@ -517,9 +528,13 @@ for name, make in optimizers.items():
         # refreshed (Sophia warns), so every step is Sophia's update alone.
         model = keras_hub.models.GPT2CausalLM(backbone=model.backbone,
                                               preprocessor=None)
-    model.compile(make(), keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), jit_compile=True)
-    models[name] = model
+    model.compile(optimizers[name](),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    return model
+
+models = {name: build(name) for name in
+          ("adamw", "sophia_g", "sophia_h", "keras_step_sophia")}
 times = {name: [] for name in models}
 for cycle in range(settings["warmup_cycles"] + settings["cycles"]):
     for name, model in models.items():
@@ -529,21 +544,51 @@ for cycle in range(settings["warmup_cycles"] + settings["cycles"]):
             float(logs["loss"])
             if cycle >= settings["warmup_cycles"]:
                 times[name].append(time.perf_counter() - start)
+
+# The step `fit` runs: `model.train_step(state, data)` jitted with the
+# state donated, as Keras's `make_train_function` does, on the state and
+# batch `train_on_batch` passes it (one step first builds the optimizer
+# and metrics). The refresh and the ordinary step are the two branches of
+# one `lax.cond` in this one program. On CPU it is compiled without
+# YNNPACK's library fusions, which would hold the intermediates of a
+# fused chain of ops in YNNPACK's own memory, out of XLA's count; so every
+# buffer of the step is one XLA assigns, as on a GPU.
+options = ({"xla_cpu_experimental_ynn_fusion_type": ""}
+           if jax.default_backend() == "cpu" else None)
+memory = {}
+for name in settings["memory_runs"]:
+    model = models[name] if name in models else build(name)
+    model.train_on_batch(*batches[0])
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))
+    data = jax.tree.map(jax.device_put, (*batches[0], None))
+    analysis = jax.jit(model.train_step, donate_argnums=0).lower(
+        state, data).compile(compiler_options=options).memory_analysis()
+    memory[name] = {field: getattr(analysis, field)
+                    for field in settings["memory_fields"]}
 with open(out, "w") as f:
-    json.dump(times, f)
+    json.dump({"times": times, "memory": memory}, f)
 """
+# What the JAX child reads of `memory_analysis()`, in bytes.
+JAX_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes",
+                     "alias_size_in_bytes", "temp_size_in_bytes",
+                     "generated_code_size_in_bytes")
 
 
-def jax_step_times(settings):
+def jax_train_step(settings):
     """`step_times` of AdamW, Sophia-G and Sophia-H (whole batch) on
-    Keras's JAX backend, from a child process (see JAX_STEP_CHILD)."""
+    Keras's JAX backend, and the `memory_analysis()` of each memory run's
+    compiled step, from a child process (see JAX_STEP_CHILD)."""
     child_settings = {
         "interval": INTERVAL, "batch": settings["batch_size"],
         "block": settings["block_size"], "cycles": settings["cycles"],
-        "warmup_cycles": settings["warmup_cycles"]}
+        "warmup_cycles": settings["warmup_cycles"],
+        "memory_runs": list(MEMORY_RUNS),
+        "memory_fields": list(JAX_MEMORY_FIELDS)}
     with tempfile.TemporaryDirectory() as out:
-        times_file = os.path.join(out, "times")
-        command = [sys.executable, "-c", JAX_STEP_CHILD, times_file,
+        out_file = os.path.join(out, "step")
+        command = [sys.executable, "-c", JAX_STEP_CHILD, out_file,
                    json.dumps(child_settings)]
         child = subprocess.run(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -551,9 +596,36 @@ def jax_step_times(settings):
         if child.returncode != 0:
             raise RuntimeError(f"the JAX step child exited "
                                f"{child.returncode}:\n" + child.stderr[-2000:])
-        with open(times_file) as f:
-            return {name: cycle_times(seconds)
-                    for name, seconds in json.load(f).items()}
+        with open(out_file) as f:
+            measured = json.load(f)
+    times = {name: cycle_times(seconds)
+             for name, seconds in measured["times"].items()}
+    return times, measured["memory"]
+
+
+def jax_peak_bytes(analysis):
+    """The device bytes a compiled train step needs at its peak, from
+    XLA's buffer assignment (`memory_analysis()`).
+
+    JAX's CPU backend keeps no device memory counters
+    (`jax.devices()[0].memory_stats()` is None), and on a GPU they would
+    be the process's peak over every model the child holds, never reset;
+    what the step itself needs is in the program XLA compiled. While it
+    runs the device holds its arguments (the state: weights, optimizer
+    slots, metrics; and the batch), its outputs (the new state and the
+    logs) and its temporaries: every intermediate (activations, logits,
+    gradients, a refresh's estimator tensors) in one buffer XLA sizes to
+    the most that is live at once over the schedule, both branches of
+    the refresh `lax.cond` included. The donated state's outputs are
+    written over its arguments (aliased), so they count once. Generated
+    code is the program, not data, and is left out. This is the count
+    XLA makes for a GPU too, where a GPU compiler's own fusions move it
+    somewhat.
+    """
+    return (analysis["argument_size_in_bytes"]
+            + analysis["output_size_in_bytes"]
+            - analysis["alias_size_in_bytes"]
+            + analysis["temp_size_in_bytes"])
 
 
 PARTS = ("apply", "step", "memory", "hvp", "jax")
@@ -606,8 +678,17 @@ def run(mode, parts=DEFAULT_PARTS):
             way: peaks[way] / peaks["gradient"] for way in ways}
         result["hvp_peak_bytes"] = peaks
     if "jax" in parts:
-        seconds["jax_train_step"] = jax_step_times(settings)
+        seconds["jax_train_step"], analyses = jax_train_step(settings)
         print(f"train step (JAX): {seconds['jax_train_step']}", flush=True)
+        print(f"memory analysis (JAX): {analyses}", flush=True)
+        peaks = {f"{name}_jax": jax_peak_bytes(analysis)
+                 for name, analysis in analyses.items()}
+        result["peak_memory_bytes"] = peaks
+        # Beside the TensorFlow runs' ratios, if `memory` ran too.
+        result.setdefault("peak_memory_ratio_vs_adamw", {}).update({
+            cell: peak / peaks["adamw_jax"] for cell, peak in peaks.items()
+            if cell != "adamw_jax"})
+        result["jax_memory_analysis"] = analyses
         times = seconds["jax_train_step"]
         result["jax_step_time_ratio_vs_adamw"] = {
             name: times[name]["step"] / times["adamw"]["step"]
@@ -716,6 +797,8 @@ def markdown(result):
         sections.append([profile(result)])
     if "memory_bytes" in result:
         sections.append([memory_table(result)])
+    if "jax_memory_analysis" in result:
+        sections.append([jax_memory_table(result)])
     if "hvp_time_in_gradients" in result:
         sections.append([hvp_table(result)])
     return "\n\n".join("\n".join(rows) for rows in sections) + "\n"
@@ -795,6 +878,26 @@ def memory_table(result):
             for run in runs.values()]
         rows += [f"| {name} | {label} | {cell} |"
                  for name, cell in zip(runs, cells)]
+    return "\n".join(rows)
+
+
+def jax_memory_table(result):
+    """The JAX train step's peak device bytes and their parts, in GB."""
+    rows = [
+        "| Keras on JAX: XLA's buffers of one step | arguments (state, "
+        "batch), GB | outputs not written in place, GB | temporaries, GB | "
+        "peak, GB (x AdamW) |",
+        "|---|---|---|---|---|",
+    ]
+    peaks = result["peak_memory_bytes"]
+    for name, analysis in result["jax_memory_analysis"].items():
+        peak = peaks[f"{name}_jax"]
+        written = (analysis["output_size_in_bytes"]
+                   - analysis["alias_size_in_bytes"])
+        rows.append(
+            f"| {name} | {analysis['argument_size_in_bytes'] / 1e9:.3f} | "
+            f"{written / 1e9:.3f} | {analysis['temp_size_in_bytes'] / 1e9:.3f}"
+            f" | {peak / 1e9:.3f} ({peak / peaks['adamw_jax']:.2f}) |")
     return "\n".join(rows)
 
 
