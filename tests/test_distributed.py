@@ -36,6 +36,15 @@ OPTIMIZERS = {
     "sophia-h": lambda: Sophia(
         0.05, hessian_update_interval=2, estimator="hutchinson", seed=1
     ),
+    # The estimator in chunks inside each replica's refresh (a loop in
+    # the cond in replica context), summed before the replicas' sums.
+    "sophia-g-chunked": lambda: Sophia(
+        0.05, hessian_update_interval=2, seed=1, hessian_chunks=2
+    ),
+    "sophia-h-chunked": lambda: Sophia(
+        0.05, hessian_update_interval=2, estimator="hutchinson", seed=1,
+        hessian_chunks=2
+    ),
     # A clip norm far below the gradient norm: the clip must act on the
     # averaged gradient, as on one device (stock Keras clips per replica).
     "sophia-g-clipped": lambda: Sophia(
