@@ -53,7 +53,7 @@ def _require(owner, name, what):
         raise ImportError(
             f"keras_sophia needs {what} (`{name}`), which Keras "
             f"{keras.__version__} does not have; keras_sophia is tested with "
-            "Keras 3.8 to 3.15 (see setup.cfg)."
+            "Keras 3.11 to 3.15 (see setup.cfg)."
         )
     return getattr(owner, name)
 

@@ -15,7 +15,7 @@ from keras_sophia import keras_internals
 
 def test_a_missing_internal_is_named_with_the_keras_version():
     with pytest.raises(ImportError, match=(
-            r"needs the thing \(`_gone`\), which Keras \d.*3\.8 to 3\.15")):
+            r"needs the thing \(`_gone`\), which Keras \d.*3\.11 to 3\.15")):
         keras_internals._require(keras.Model, "_gone", "the thing")
 
 
