@@ -213,10 +213,11 @@ def _in_chunks(model, data, grads, estimator, seed, scale, fraction,
         return k + 1, sums, count + tf.cast(chunk_count, tf.float32), ready
 
     zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
-    _, sums, count, _ = tf.while_loop(
-        lambda k, *_: k < chunks, body,
-        (tf.constant(0), zeros, tf.constant(0.0), _flat(grads)),
-        parallel_iterations=1)
+    with tf.control_dependencies(_flat(grads)):  # for the graph executor
+        _, sums, count, _ = tf.while_loop(
+            lambda k, *_: k < chunks, body,
+            (tf.constant(0), zeros, tf.constant(0.0), _flat(grads)),
+            parallel_iterations=1)
     return [None if m else s for m, s in zip(missing, sums)], count
 
 
