@@ -253,12 +253,6 @@ def _gather(model, sophia, loss_and_output, trainable, x, y, sample_weight,
                                  trainable, key, grads=grads)
         return aux, grads, sophia.estimator.statistics(context)
     aux, grads = _training_pass(trainable, loss_and_output)
-    if share % chunks:
-        raise ValueError(
-            f"Argument `hessian_chunks` must divide the {share} examples "
-            "that the Hessian is estimated on (hessian_batch_fraction="
-            f"{fraction} of the batch), so that every chunk has the same "
-            f"shape. Received: hessian_chunks={chunks}")
     size = share // chunks
     # Which statistics the estimator leaves None, known once the loop has
     # traced its body (as on TensorFlow).

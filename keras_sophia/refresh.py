@@ -201,7 +201,7 @@ def _in_chunks(model, data, grads, estimator, seed, scale, fraction,
     missing = []
 
     def body(k, sums, count, ready):
-        start, size = _chunk_rows(share, chunks, k, fraction)
+        start, size = _chunk_rows(share, chunks, k)
         part = tf.nest.map_structure(
             lambda t: None if t is None else _slice_rows(t, start, size),
             data)
@@ -312,22 +312,12 @@ def _slice_size(fraction, x):
     return max(int(fraction * batch), 1)
 
 
-def _chunk_rows(share, chunks, k, fraction):
-    """(first row, rows) of chunk `k` (a tensor) of the Hessian share.
-
-    Chunks must share one static shape wherever the batch has one (XLA
-    compiles the loop's body once), so `chunks` must divide the share; a
-    batch of unknown size (a graph-mode epoch's last batch) is cut into
-    chunks that differ by at most one row.
-    """
+def _chunk_rows(share, chunks, k):
+    """(first row, rows) of chunk `k` (a tensor) of the Hessian share:
+    equal chunks where the share is static (`Sophia.chunks_for` divides
+    it); a batch of unknown size (a graph-mode epoch's last batch) is cut
+    into chunks that differ by at most one row."""
     if isinstance(share, int):
-        if share % chunks:
-            raise ValueError(
-                f"Argument `hessian_chunks` must divide the {share} "
-                "examples per replica that the Hessian is estimated on "
-                f"(hessian_batch_fraction={fraction} of the batch), so "
-                "that every chunk has the same shape. Received: "
-                f"hessian_chunks={chunks}")
         return k * (share // chunks), share // chunks
     start = share * k // chunks
     return start, share * (k + 1) // chunks - start

@@ -227,16 +227,27 @@ class Sophia(keras.optimizers.Optimizer):
 
     def chunks_for(self, share):
         """The chunks a refresh cuts a Hessian share of `share` examples
-        into (see `hessian_chunks`). `share` is a tensor where the batch
-        size is not known when the step is traced; `"auto"` then keeps one
-        chunk, as XLA cannot slice a batch of unknown size."""
-        if self.hessian_chunks != "auto":
-            return self.hessian_chunks
+        into (see `hessian_chunks`); a ValueError if a set number does not
+        divide it. `share` is a tensor where the batch size is not known
+        when the step is traced; `"auto"` then keeps one chunk, as XLA
+        cannot slice a batch of unknown size."""
+        chunks = self.hessian_chunks
         if not isinstance(share, int):
-            return 1
-        wanted = {estimators_lib.GaussNewtonBartlett: 2,
-                  estimators_lib.Hutchinson: 4}.get(type(self.estimator), 1)
-        return max(n for n in range(1, wanted + 1) if share % n == 0)
+            return 1 if chunks == "auto" else chunks
+        if chunks == "auto":
+            wanted = {estimators_lib.GaussNewtonBartlett: 2,
+                      estimators_lib.Hutchinson: 4}.get(
+                          type(self.estimator), 1)
+            return max(n for n in range(1, wanted + 1) if share % n == 0)
+        # Chunks share one static shape (XLA compiles the loop's body once).
+        if share % chunks:
+            raise ValueError(
+                f"Argument `hessian_chunks` must divide the {share} "
+                "examples per replica that the Hessian is estimated on "
+                f"(hessian_batch_fraction={self.hessian_batch_fraction} of "
+                "the batch), so that every chunk has the same shape. "
+                f"Received: hessian_chunks={chunks}")
+        return chunks
 
     def update_hessian(self, estimates, variables):
         """EMA of the Hessian diagonal: `h = beta_2 * h + (1 - beta_2) * e`.
