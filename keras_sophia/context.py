@@ -24,19 +24,21 @@ class EstimatorContext:
 
     Attributes:
         model: The Keras model being trained.
-        x, y, sample_weight: This replica's batch, or its leading slice
-            when the optimizer's `hessian_batch_fraction` is below 1 (the
-            model is then called on the slice and on the rest separately,
-            so that passes below run through the slice only).
-        y_pred: The model's output on `x` from the recorded training
-            forward pass (the logits, for a language model). Free.
+        x, y, sample_weight: This replica's batch, or one chunk of its
+            Hessian share: the leading `hessian_batch_fraction` of it, cut
+            into `hessian_chunks` (see `Sophia`), each run through the
+            model on its own, so that the passes below run through the
+            chunk only.
+        y_pred: The model's output on `x` from the recorded forward pass
+            (the logits, for a language model): the training pass's on
+            the whole batch in one chunk, else the chunk's own. Free.
         variables: The trainable variables, in `model.trainable_weights`
             order; every list below follows it.
         grads: The training gradients of this replica's own mean loss
             on `x`, from the step's backward pass. Free on the whole batch,
             except that under loss scaling or on several replicas the scale
-            is divided out, one parameter-sized copy; on a slice, one
-            backward pass through the slice (`hvp` needs it too).
+            is divided out, one parameter-sized copy; on a chunk, one
+            backward pass through the chunk (`hvp` needs it too).
 
     Methods:
         vjp(cotangents): `sum(y_pred * cotangents)` differentiated with
