@@ -73,7 +73,8 @@ class Sophia(keras.optimizers.Optimizer):
             AdamW's peak memory, BENCHMARKS.md), or the largest divisor of
             the share below that; 1 for other estimators, and where the
             batch size is unknown when the step is traced. Defaults to
-            `"auto"`.
+            `1` (a kill-and-resume of `train.pretrain` with `"auto"` was
+            not bit-exact in CI yet; see docs/not-done.md).
         estimator: `"gnb"` (Gauss-Newton-Bartlett, Sophia-G),
             `"hutchinson"` (Sophia-H), or a `HessianEstimator` instance or
             a callable `fn(context) -> estimates` (see
@@ -115,7 +116,7 @@ class Sophia(keras.optimizers.Optimizer):
         weight_decay=0.1,
         hessian_update_interval=10,
         hessian_batch_fraction=1.0,
-        hessian_chunks="auto",
+        hessian_chunks=1,
         estimator="gnb",
         seed=None,
         name="sophia",

@@ -332,13 +332,14 @@ def test_auto_chunks_are_the_estimators_and_divide_the_share():
     # GNB 2 and Hutchinson 4 chunks (BENCHMARKS.md), or the largest
     # divisor of the share below that; other estimators share the
     # training pass (1); a set number is kept as it is.
-    assert [Sophia(estimator="gnb").chunks_for(n) for n in (12, 7)] == [2, 1]
-    assert [Sophia(estimator="hutchinson").chunks_for(n)
+    assert [Sophia(estimator="gnb", hessian_chunks="auto").chunks_for(n) for n in (12, 7)] == [2, 1]
+    assert [Sophia(estimator="hutchinson", hessian_chunks="auto").chunks_for(n)
             for n in (12, 6, 5)] == [4, 3, 1]
-    assert Sophia(estimator=lambda context: []).chunks_for(12) == 1
+    assert Sophia(estimator=lambda context: [], hessian_chunks="auto").chunks_for(12) == 1
     assert Sophia(hessian_chunks=3).chunks_for(12) == 3
     # A batch size unknown at tracing: one chunk, which XLA can compile.
-    assert Sophia(estimator="gnb").chunks_for(keras.ops.convert_to_tensor(
+    assert Sophia(estimator="gnb", hessian_chunks="auto").chunks_for(keras.ops.convert_to_tensor(
         12)) == 1
+    assert Sophia().chunks_for(12) == 1  # the default
     with pytest.raises(ValueError, match="hessian_chunks"):
         Sophia(hessian_chunks=0)
