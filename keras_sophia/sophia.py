@@ -68,13 +68,12 @@ class Sophia(keras.optimizers.Optimizer):
             the refresh's extra memory is divided by the chunks, and one
             more forward pass over the share is the price. With 1 and the
             whole batch the estimator reuses the training forward pass
-            instead. `"auto"` takes 2 chunks for GNB and 4 for Hutchinson
+            instead. `"auto"` takes 2 chunks for GNB and 8 for Hutchinson
             (the fewest that kept a refresh of the tiny GPT-2 within
             AdamW's peak memory, BENCHMARKS.md), or the largest divisor of
             the share below that; 1 for other estimators, and where the
             batch size is unknown when the step is traced. Defaults to
-            `1` (a kill-and-resume of `train.pretrain` with `"auto"` was
-            not bit-exact in CI yet; see docs/not-done.md).
+            `"auto"`.
         estimator: `"gnb"` (Gauss-Newton-Bartlett, Sophia-G),
             `"hutchinson"` (Sophia-H), or a `HessianEstimator` instance or
             a callable `fn(context) -> estimates` (see
@@ -116,7 +115,7 @@ class Sophia(keras.optimizers.Optimizer):
         weight_decay=0.1,
         hessian_update_interval=10,
         hessian_batch_fraction=1.0,
-        hessian_chunks=1,
+        hessian_chunks="auto",
         estimator="gnb",
         seed=None,
         name="sophia",
@@ -237,7 +236,7 @@ class Sophia(keras.optimizers.Optimizer):
             return 1 if chunks == "auto" else chunks
         if chunks == "auto":
             wanted = {estimators_lib.GaussNewtonBartlett: 2,
-                      estimators_lib.Hutchinson: 4}.get(
+                      estimators_lib.Hutchinson: 8}.get(
                           type(self.estimator), 1)
             return max(n for n in range(1, wanted + 1) if share % n == 0)
         # Chunks share one static shape (XLA compiles the loop's body once).

@@ -50,6 +50,10 @@ INVALID = [
      "in (0, 1]; got 0.0"),
     (["--hessian-batch-fraction", "1.5"], "--hessian-batch-fraction must "
      "be in (0, 1]; got 1.5"),
+    (["--hessian-chunks", "0"], "--hessian-chunks must be auto or an "
+     "integer >= 1; got 0"),
+    (["--hessian-chunks", "two"], "argument --hessian-chunks: must be auto "
+     "or an integer >= 1; got 'two'"),
     (["--val-fraction", "0"], "--val-fraction must be in (0, 1); got 0.0"),
     (["--val-fraction", "1"], "--val-fraction must be in (0, 1); got 1.0"),
     (["--beta-1", "1"], "--beta-1 must be in [0, 1); got 1.0"),
@@ -79,6 +83,8 @@ def test_an_invalid_setting_exits_2_naming_it_and_writes_nothing(
     ({"steps": 10.0}, "steps must be of type int; got 10.0"),
     ({"jit": 1}, "jit must be of type bool; got 1"),
     ({"lr": None}, "lr must be of type float; got None"),
+    ({"hessian_chunks": "2"}, "hessian_chunks must be auto or an integer; "
+     "got '2'"),
     ([1, 2], "must hold a JSON object of settings"),
 ])
 def test_a_config_file_with_a_wrong_setting_exits_2(
@@ -113,7 +119,7 @@ def test_valid_settings_keep_their_names_and_defaults():
         "block_size": 64, "lr": 2e-3, "min_lr": 1e-4, "warmup": 20,
         "rho": 0.05, "weight_decay": 0.2, "grad_clip": 1.0,
         "hessian_interval": 10, "hessian_batch_fraction": 1.0,
-        "beta_1": None, "beta_2": None, "eval_interval": 50,
+        "hessian_chunks": "auto", "beta_1": None, "beta_2": None, "eval_interval": 50,
         "eval_steps": None, "log_interval": 10, "strategy": "default",
         "tpu": None, "precision": "float32", "jit": False, "seed": 0,
         "deterministic": False, "val_fraction": 0.05,
@@ -126,10 +132,12 @@ def test_valid_settings_keep_their_names_and_defaults():
     config = pretrain.parse_config([
         "--steps", "40", "--warmup", "0", "--min-lr", "0", "--rho", "1e-9",
         "--weight-decay", "0", "--grad-clip", "0", "--beta-1", "0",
-        "--hessian-batch-fraction", "1", "--val-fraction", "0.5",
+        "--hessian-batch-fraction", "1", "--hessian-chunks", "1",
+        "--val-fraction", "0.5",
         "--lr", "1e-3", "--data", "openwebtext", "--jit", "--resume",
     ])
-    assert (config.steps, config.eval_interval, config.jit) == (40, 50, True)
+    assert (config.steps, config.eval_interval, config.jit,
+            config.hessian_chunks) == (40, 50, True, 1)
     assert pretrain.parse_config(
         ["--steps", "130", "--eval-interval", "50"]).steps == 130
     for name in configs.CONFIGS:
@@ -200,4 +208,25 @@ def test_a_batch_the_replicas_cannot_share_exits_2_and_writes_nothing(
     message = capsys.readouterr().err.splitlines()[-1]
     assert message == (PROG + "--batch-size must be a multiple of the 4 "
                        "replicas of --strategy mirrored; got 6")
+    assert not out.exists()
+
+
+def test_chunks_that_do_not_divide_the_share_exit_2_and_write_nothing(
+    tmp_path, capsys
+):
+    # 8 blocks over the 4 logical CPUs of conftest.py: 2 per replica, half
+    # of them estimated on: a share of 1 block, which 2 chunks cannot cut.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        pretrain.main(["--strategy", "mirrored", "--batch-size", "8",
+                       "--hessian-batch-fraction", "0.5",
+                       "--hessian-chunks", "2", "--tokenizer", "bytes",
+                       "--out", str(out),
+                       "--cache-dir", str(tmp_path / "cache")])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message == (
+        PROG + "--hessian-chunks must divide the 1 blocks per replica the "
+        "Hessian is estimated on (--hessian-batch-fraction 0.5 of "
+        "--batch-size 8 over 4 replica(s)); got 2")
     assert not out.exists()
