@@ -70,14 +70,24 @@ MODES = {
     "full": {"apply_model": "125m", "apply_repeats": 15, "batch_size": 16,
              "block_size": 64, "cycles": 8, "warmup_cycles": 1,
              "jit_compile": [True, False], "fractions": [1.0, 0.5, 0.25],
-             "memory_steps": 50, "memory_flags": [], "hvp_repeats": 20},
+             "memory_steps": 50, "memory_flags": [], "memory_repeats": 3,
+             "hvp_repeats": 20,
+             # Where activations, not the vocabulary, take most memory.
+             "second_size": {"memory_steps": 3, "memory_repeats": 2,
+                             "memory_flags": [
+                 "--model", "30m", "--batch-size", "4",
+                 "--block-size", "1024"]}},
     # Every model traced costs ~30 s here, so few of them.
     "quick": {"apply_model": "tiny", "apply_repeats": 5, "batch_size": 2,
               "block_size": 16, "cycles": 2, "warmup_cycles": 1,
               "jit_compile": [False], "fractions": [1.0, 0.5],
-              "memory_steps": 2,
+              "memory_steps": 2, "memory_repeats": 2,
               "memory_flags": ["--batch-size", "2", "--block-size", "16"],
-              "hvp_repeats": 3},
+              "hvp_repeats": 3,
+              "second_size": {"memory_steps": 2, "memory_repeats": 1,
+                              "memory_flags": [
+                  "--model", "tiny", "--batch-size", "1",
+                  "--block-size", "32"]}},
 }
 INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
 # Share of the batch the Hessian is estimated on: all of it, the paper's
@@ -106,22 +116,29 @@ BUSY_SHARE = 0.05
 BUSY_LOAD_PER_CPU = 0.25
 
 
-def floor(estimator, fraction):
+def floor(estimator, fraction, shared=False):
     """A refresh step's cost in AdamW steps if it paid only for its FLOPs.
 
-    A step is a forward pass (1) and a backward pass (2). GNB adds one
-    backward pass through the sampled-label loss over the Hessian's share
-    f of the batch, the forward pass shared: 1 + 2f/3. Hutchinson adds one
-    Hessian-vector product on that share, about two gradient evaluations
-    (Pearlmutter 1994): 1 + 2f.
+    A step is a forward pass (1) and a backward pass (2). In chunks (the
+    default, `hessian_chunks="auto"`, which every run here uses) the
+    estimator runs a forward pass of its own over the Hessian's share f
+    of the batch: GNB adds it and one backward pass through the
+    sampled-label loss, 1 + f; Hutchinson adds it, the backward pass its
+    product differentiates, and the Hessian-vector product, about two
+    gradient evaluations (Pearlmutter 1994): 1 + 3f. Sharing the training
+    pass (`shared`: one chunk, whole batch), GNB adds only its backward
+    pass, 1 + 2f/3, and Hutchinson only the product, 1 + 2f.
     """
-    extra = 2 * fraction / 3 if estimator == "g" else 2 * fraction
+    if estimator == "g":
+        extra = 2 * fraction / 3 if shared else fraction
+    else:
+        extra = 2 * fraction if shared else 3 * fraction
     return 1 + extra
 
 
-def cycle_floor(estimator, fraction):
+def cycle_floor(estimator, fraction, shared=False):
     """The floor of a whole k-step cycle, per step, over AdamW's."""
-    return 1 + (floor(estimator, fraction) - 1) / INTERVAL
+    return 1 + (floor(estimator, fraction, shared) - 1) / INTERVAL
 
 
 def sophia(estimator="gnb", fraction=1.0):
@@ -441,28 +458,56 @@ with open(out, "w") as f:
 
 def peak_memory(settings, jit):
     """Resident memory (see PEAK_RSS_CHILD) of a short `train.pretrain`
-    run per optimizer variant, each in a fresh process."""
+    run per optimizer variant, each in a fresh process.
+
+    Without XLA the graph executor runs independent ops at once in an
+    order that changes from run to run, and so does its peak (measured on
+    the tiny GPT-2: AdamW's from 0.41 to 0.45 GB in three runs): there
+    each variant runs `memory_repeats` times, in turn, and its peak is the
+    largest, the one a batch must fit. XLA plans its buffers when it
+    compiles: one run each."""
+    repeats = 1 if jit else settings["memory_repeats"]
+    peaks = {name: [] for name in MEMORY_RUNS}
+    for _ in range(repeats):
+        for name, flags in MEMORY_RUNS.items():
+            peaks[name].append(_run_peak(settings, jit, flags))
+    return {name: {"device": max(run["device"] for run in runs),
+                   "process": max(run["process"] for run in runs),
+                   "runs": runs}
+            for name, runs in peaks.items()}
+
+
+def _run_peak(settings, jit, flags):
+    """The peaks of one `train.pretrain` run with `flags`, in a child."""
     steps = settings["memory_steps"]
-    peaks = {}
-    for name, flags in MEMORY_RUNS.items():
-        with tempfile.TemporaryDirectory() as out:
-            peak_file = os.path.join(out, "peak")
-            command = [
-                sys.executable, "-c", PEAK_RSS_CHILD, peak_file,
-                "--steps", str(steps), "--eval-interval", str(steps),
-                "--eval-steps", "2", "--warmup", "1",
-                "--out", os.path.join(out, "run"),
-                *flags, *settings["memory_flags"],
-            ] + (["--jit"] if jit else [])
-            child = subprocess.run(command, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-            if child.returncode != 0:
-                raise RuntimeError(
-                    f"{' '.join(command)} exited {child.returncode}:\n"
-                    + child.stderr[-2000:])
-            with open(peak_file) as f:
-                peaks[name] = json.load(f)
-    return peaks
+    with tempfile.TemporaryDirectory() as out:
+        peak_file = os.path.join(out, "peak")
+        command = [
+            sys.executable, "-c", PEAK_RSS_CHILD, peak_file,
+            "--steps", str(steps), "--eval-interval", str(steps),
+            "--eval-steps", "2", "--warmup", "1",
+            "--out", os.path.join(out, "run"),
+            *flags, *settings["memory_flags"],
+        ] + (["--jit"] if jit else [])
+        child = subprocess.run(command, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(command)} exited {child.returncode}:\n"
+                + child.stderr[-2000:])
+        with open(peak_file) as f:
+            return json.load(f)
+
+
+def add_memory(result, memory):
+    """Puts the peaks `memory` ({label: {run: peaks}}) and their ratios to
+    AdamW's into `result`, beside those of other sizes."""
+    ratios = memory_ratios(memory)
+    result.setdefault("peak_memory_ratio_vs_adamw", {}).update(
+        ratios["device"])
+    result.setdefault("process_memory_ratio_vs_adamw", {}).update(
+        ratios["process"])
+    result.setdefault("memory_bytes", {}).update(memory)
 
 
 def memory_ratios(memory):
@@ -628,7 +673,7 @@ def jax_peak_bytes(analysis):
             + analysis["temp_size_in_bytes"])
 
 
-PARTS = ("apply", "step", "memory", "hvp", "jax")
+PARTS = ("apply", "step", "memory", "hvp", "memory_second_size", "jax")
 # Every part but `jax`, which needs the optional `jax` extra.
 DEFAULT_PARTS = PARTS[:-1]
 
@@ -662,10 +707,7 @@ def run(mode, parts=DEFAULT_PARTS):
             memory[LABELS[jit]] = peak_memory(settings, jit)
             print(f"peak memory ({LABELS[jit]}): {memory[LABELS[jit]]}",
                   flush=True)
-        ratios = memory_ratios(memory)
-        result["peak_memory_ratio_vs_adamw"] = ratios["device"]
-        result["process_memory_ratio_vs_adamw"] = ratios["process"]
-        result["memory_bytes"] = memory
+        add_memory(result, memory)
     if "hvp" in parts:
         seconds["hvp"], peaks = hvp_times(settings)
         print(f"Hessian-vector products: {seconds['hvp']}, peak bytes "
@@ -677,6 +719,18 @@ def run(mode, parts=DEFAULT_PARTS):
         result["hvp_peak_memory_in_gradients"] = {
             way: peaks[way] / peaks["gradient"] for way in ways}
         result["hvp_peak_bytes"] = peaks
+    if "memory_second_size" in parts:
+        # The same runs at a second size; its cells end in the model's
+        # name (`sophia_g_xla_30m`).
+        second = settings["second_size"]
+        model = second["memory_flags"][
+            second["memory_flags"].index("--model") + 1]
+        memory = {}
+        for jit in settings["jit_compile"]:
+            label = f"{LABELS[jit]}_{model}"
+            memory[label] = peak_memory(second, jit)
+            print(f"peak memory ({label}): {memory[label]}", flush=True)
+        add_memory(result, memory)
     if "jax" in parts:
         seconds["jax_train_step"], analyses = jax_train_step(settings)
         print(f"train step (JAX): {seconds['jax_train_step']}", flush=True)
@@ -864,10 +918,10 @@ def profile(result):
 
 def memory_table(result):
     """Peak memory of each short training run, in GB."""
-    steps = result["settings"]["memory_steps"]
+    settings = result["settings"]
     rows = [
-        f"| optimizer | mode | `train.pretrain --steps {steps}`: device "
-        "peak, GB (x AdamW) | process peak RSS, GB (x AdamW) |",
+        "| optimizer | mode | `train.pretrain`: device peak, GB (x AdamW) "
+        "| process peak RSS, GB (x AdamW) |",
         "|---|---|---|---|",
     ]
     for label, runs in result["memory_bytes"].items():
@@ -878,7 +932,12 @@ def memory_table(result):
             for run in runs.values()]
         rows += [f"| {name} | {label} | {cell} |"
                  for name, cell in zip(runs, cells)]
-    return "\n".join(rows)
+    second = settings.get("second_size", {})
+    return "\n".join(rows) + (
+        f"\n\nRuns of {settings['memory_steps']} steps with the flags "
+        f"{' '.join(settings['memory_flags']) or '(defaults)'}; the second "
+        f"size's of {second.get('memory_steps')} steps with "
+        f"{' '.join(second.get('memory_flags', []))}.")
 
 
 def jax_memory_table(result):
