@@ -69,8 +69,9 @@ class Sophia(keras.optimizers.Optimizer):
             more forward pass over the share is the price. With 1 and the
             whole batch the estimator reuses the training forward pass
             instead. `"auto"` takes 2 chunks for GNB and 8 for Hutchinson
-            (the fewest that kept a refresh of the tiny GPT-2 within
-            AdamW's peak memory, BENCHMARKS.md), or the largest divisor of
+            (the fewest that kept every refresh of the tiny GPT-2 within
+            1.10x AdamW's peak memory, with and without XLA,
+            BENCHMARKS.md), or the largest divisor of
             the share below that; 1 for other estimators, and where the
             batch size is unknown when the step is traced. Defaults to
             `"auto"`.
