@@ -87,7 +87,7 @@ MODES = {
               "second_size": {"memory_steps": 2, "memory_repeats": 1,
                               "memory_flags": [
                   "--model", "tiny", "--batch-size", "1",
-                  "--block-size", "32"]}},
+                  "--block-size", "8"]}},
 }
 INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
 # Share of the batch the Hessian is estimated on: all of it, the paper's
