@@ -1,33 +1,31 @@
 """Sophia (arXiv 2305.14342) for Keras 3: the optimizer on every backend,
-the Hessian-refreshing train step on TensorFlow and JAX."""
+the Hessian-refreshing train step on TensorFlow, JAX and torch."""
 
 import keras
 
 from keras_sophia import estimators
+from keras_sophia.context import EstimatorContext
 from keras_sophia.estimators import GaussNewtonBartlett
 from keras_sophia.estimators import HessianEstimator
 from keras_sophia.estimators import Hutchinson
+from keras_sophia.refresh import estimate_hessian
 from keras_sophia.sophia import Sophia
 
-# The train step is backend code: TensorFlow's (with tf.distribute) or
-# JAX's; importing one never imports the other backend. On torch it
-# refuses by name (torch_step.py); the optimizer works everywhere.
+# The train step's primitives are backend code (tf_step.py, jax_step.py,
+# torch_step.py, around the one sequence of refresh.py); importing one
+# never imports another backend.
 if keras.backend.backend() == "jax":
-    from keras_sophia.jax_step import EstimatorContext
     from keras_sophia.jax_step import SophiaTrainStep
-    from keras_sophia.jax_step import estimate_hessian
 elif keras.backend.backend() == "tensorflow":
-    from keras_sophia.context import EstimatorContext
     from keras_sophia.multiworker import MultiWorkerFit
-    from keras_sophia.train_step import SophiaTrainStep
-    from keras_sophia.train_step import estimate_hessian
+    from keras_sophia.tf_step import SophiaTrainStep
 else:
     from keras_sophia.torch_step import SophiaTrainStep
-    from keras_sophia.torch_step import estimate_hessian
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EstimatorContext",
     "GaussNewtonBartlett",
     "HessianEstimator",
     "Hutchinson",
@@ -35,7 +33,4 @@ __all__ = [
     "SophiaTrainStep",
     "estimate_hessian",
     "estimators",
-] + {
-    "tensorflow": ["EstimatorContext", "MultiWorkerFit"],
-    "jax": ["EstimatorContext"],
-}.get(keras.backend.backend(), [])
+] + (["MultiWorkerFit"] if keras.backend.backend() == "tensorflow" else [])

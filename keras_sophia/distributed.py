@@ -8,8 +8,8 @@ same traffic as Keras), the optimizer is told not to reduce them again, and
 clipping, the finite check and the update all see the global gradient, which
 is identical on every replica.
 
-The replicas' Hessian statistics are combined in `refresh.py`, the one
-place `h` changes.
+The replicas' Hessian statistics are summed here too (`refresh_across`),
+before `refresh.Refresh.commit`, the one place `h` changes.
 """
 
 import tensorflow as tf
@@ -118,3 +118,78 @@ def apply_if(condition, replica, optimizer, grads, variables):
         )
 
     replica.merge_call(decide, args=(condition, grads))
+
+
+def refresh_across(primitives, is_refresh, refresh, ordinary):
+    """`TensorFlow.branch` on several replicas: `(logs, grads)` of the step,
+    with the replicas' statistics summed and `h` committed on refresh
+    steps.
+
+    TensorFlow refuses a cross-replica sum inside a `tf.cond` in replica
+    context, so each replica gathers under the cond (zeros on other
+    steps), one unconditional `merge_call` enters cross-replica context,
+    and a cond there wraps the sum and the commit: the all-reduce runs on
+    refresh steps only.
+    """
+    sophia = refresh.sophia
+    variables = primitives.variables
+    # Every variable with an `h` slot sends a sum; one the estimator left
+    # None sends zeros and is dropped again before the commit.
+    slotted = [i for i, v in enumerate(variables)
+               if sophia.hessian_slot(v) is not None]
+    missing = set()
+
+    def gathered():
+        logs, grads, (sums, count) = refresh.gather()
+        missing.update(i for i in slotted if sums[i] is None)
+        # 1 where this replica's pass overflowed (fp16) or went NaN.
+        broken = 1.0 - tf.cast(primitives.all_finite(grads + sums),
+                               tf.float32)
+        return (logs, grads, [_zeros_if_none(primitives, sums[i],
+                                             variables[i]) for i in slotted],
+                tf.cast(count, tf.float32), broken)
+
+    def other():
+        logs, grads = ordinary()
+        return (logs, grads, [_zeros_if_none(primitives, None, variables[i])
+                              for i in slotted],
+                tf.constant(0.0), tf.constant(0.0))
+
+    logs, grads, sums, count, broken = tf.cond(is_refresh, gathered, other)
+    # Both branches are traced by now: `missing` is complete.
+    slots = [sophia.hessian_slot(variables[i]).value for i in slotted]
+
+    def combine(strategy, is_refresh, sums, count, broken):
+        def sum_and_commit():
+            totals = strategy.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM,
+                list(zip(sums, slots)) + [(count, slots[0]),
+                                          (broken, slots[0])])
+            full = [None] * len(variables)
+            for i, total in zip(slotted, totals):
+                full[i] = None if i in missing else total
+            refresh.commit(
+                full, totals[-2],
+                strategy.experimental_local_results(totals[-1])[0] == 0,
+                lambda fn, *args: strategy.extended.call_for_each_replica(
+                    fn, args=args))
+
+        if slots:
+            # Every replica holds the same flag (it comes from iterations).
+            tf.cond(strategy.experimental_local_results(is_refresh)[0],
+                    sum_and_commit, lambda: None)
+
+    primitives.replica.merge_call(combine,
+                                  args=(is_refresh, sums, count, broken))
+    return logs, grads
+
+
+def _zeros_if_none(primitives, value, variable):
+    """`value` in float32, or zeros of `variable`'s shape if None."""
+    if value is not None:
+        return tf.cast(value, tf.float32)
+    sophia = primitives.model.optimizer
+    sophia = getattr(sophia, "inner_optimizer", sophia)
+    return primitives.zeros(variable.shape,
+                            primitives.step_seed(sophia.seed,
+                                                 sophia.iterations))

@@ -26,10 +26,6 @@ that each TensorFlow one still behaves as assumed.
   `_collective_all_reduce_multi_worker` of the TensorFlow trainer:
   `MultiWorkerFit` overrides the first two and asks the others, exactly
   as Keras's `fit` does (see `multiworker.py`).
-* On JAX, the trainer's `_update_metrics_variables(metrics_variables,
-  loss, x, y, y_pred, sample_weight)`: how its stateless `train_step`
-  feeds the loss tracker and the metrics; `SophiaTrainStep` calls it as
-  Keras's step does (every JAX `fit` test runs through it).
 
 Only the backend's own parts are checked, and TensorFlow is imported on
 its own backend only.
@@ -41,9 +37,7 @@ import threading
 import keras
 
 _BACKEND = keras.backend.backend()
-if _BACKEND == "jax":
-    from keras.src.backend.jax import trainer as _jax_trainer
-elif _BACKEND == "tensorflow":
+if _BACKEND == "tensorflow":
     import tensorflow as tf
     from keras.src.backend.tensorflow import trainer as _tf_trainer
 
@@ -62,10 +56,7 @@ _require(keras.optimizers.Optimizer, "_clip_gradients",
          "the optimizer's gradient clipping")
 _require(keras.optimizers.Optimizer, "_get_variable_index",
          "the optimizer's slot index")
-if _BACKEND == "jax":
-    _require(_jax_trainer.JAXTrainer, "_update_metrics_variables",
-             "the JAX trainer's metrics update")
-elif _BACKEND == "tensorflow":
+if _BACKEND == "tensorflow":
     _require(keras.Model, "_maybe_symbolic_build", "Keras's fit-time build")
     _require(keras.Model, "_make_function", "Keras's step-function builder")
     _require(keras.optimizers.Optimizer, "_all_reduce_sum_gradients",
@@ -102,23 +93,15 @@ def make_function(model, step):
     return model._make_function(step)
 
 
-def update_metrics(model, metrics_variables, loss, x, y, y_pred,
-                   sample_weight):
-    """On JAX: `(logs, new metrics_variables)` after a step's loss and
-    predictions, as Keras's stateless `train_step` computes them."""
-    return model._update_metrics_variables(
-        metrics_variables, loss, x, y, y_pred, sample_weight)
-
-
-def track_loss(model, loss, x):
+def track_loss(model, loss, x, replicas=1):
     """Adds a step's loss to what `fit` logs as `loss`, weighted by the
     batch size, as Keras's `train_step` does. `loss` is the loss of
-    `model.compute_loss`, which Keras divides by the number of replicas."""
+    `model.compute_loss`, which Keras divides by the number of
+    `replicas`."""
     tracker = _require(model, "_loss_tracker", "the model's loss metric")
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-    tracker.update_state(loss * tf.cast(replicas, loss.dtype),
-                         sample_weight=batch)
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    tracker.update_state(loss * replicas,
+                         sample_weight=keras.ops.shape(first)[0])
 
 
 def replace_gradient_clipping(optimizer, clip):

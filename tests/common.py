@@ -55,7 +55,11 @@ def least_squares(n=32, d=4, seed=0):
 
 def estimate_draws(model, x, y, estimator, sample_weight=None):
     """`i -> the i-th of a series of independent estimates`, compiled once
-    (tf.function or jax.jit) for the whole series."""
+    (tf.function or jax.jit; eager on torch) for the whole series."""
+    if keras.backend.backend() == "torch":
+        return lambda i: [keras.ops.convert_to_numpy(e) for e in
+                          estimate_hessian(model, x, y, sample_weight,
+                                           estimator, i)]
     if keras.backend.backend() == "jax":
         import jax
 
@@ -82,6 +86,12 @@ def gradients(model, loss, x, y):
             return loss(y, y_pred)
 
         return jax.grad(value)([v.value for v in model.trainable_variables])
+    if keras.backend.backend() == "torch":
+        import torch
+
+        value = loss(y, model(x, training=True))
+        return torch.autograd.grad(
+            value, [v.value for v in model.trainable_variables])
     import tensorflow as tf
 
     with tf.GradientTape() as tape:

@@ -1,16 +1,18 @@
 """Pretrain a GPT-2 with Sophia (or AdamW, Lion) on any tf.distribute
-strategy, or on Keras's JAX backend.
+strategy, or on Keras's JAX or torch backend.
 
     python -m train.pretrain                       # tiny, Sophia-G, austen
     python -m train.pretrain --optimizer adamw --steps 400
     python -m train.pretrain --config gpt2-small-sophia-g --strategy tpu
     python -m train.pretrain --out runs/a --resume # continue runs/a
     KERAS_BACKEND=jax python -m train.pretrain --out runs/jax  # on JAX
+    KERAS_BACKEND=torch python -m train.pretrain --out runs/torch
 
-On JAX the batches still come from tf.data, `--strategy mirrored` is
+On JAX and torch the batches still come from tf.data; `mixed_float16`
+and `--deterministic` are TensorFlow's. On JAX `--strategy mirrored` is
 `keras.distribution.DataParallel` over every device JAX sees, and the
-step is always compiled; `multiworker`, `tpu`, `mixed_float16` and
-`--deterministic` are TensorFlow's (docs/jax.md).
+step is always compiled; `multiworker` and `tpu` are TensorFlow's. On
+torch the step runs eagerly on one device (docs/backends.md).
 
 Settings: the `Config` defaults below, then a named config or a JSON file
 (`--config`), then `--key value` flags. The run directory (`--out`) gets
@@ -42,9 +44,10 @@ from train import tokenizer
 
 OPTIMIZERS = ("sophia-g", "sophia-h", "adamw", "lion")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-# Float16 needs loss scaling, which the JAX train step does not do yet.
-JAX_PRECISIONS = ("float32", "mixed_bfloat16")
-_ON_JAX = " on Keras's JAX backend"
+# Float16 needs loss scaling, which the JAX and torch train steps do not
+# do yet.
+UNSCALED_PRECISIONS = ("float32", "mixed_bfloat16")
+_BACKEND_NAMES = {"jax": "JAX", "torch": "torch"}
 # Validation batches per evaluation when --eval-steps is not given.
 EVAL_STEPS = 20
 # --help lists the settings in these groups, in this order.
@@ -111,7 +114,8 @@ class Config:
         "schedule", 10, "steps between lines of metrics.jsonl")
     strategy: str = _setting(
         "distribution", "default", " | ".join(strategy_lib.NAMES)
-        + f" (on JAX: {' | '.join(strategy_lib.JAX_NAMES)})")
+        + f" (on JAX: {' | '.join(strategy_lib.BACKEND_NAMES['jax'])}; "
+        f"on torch: {' | '.join(strategy_lib.BACKEND_NAMES['torch'])})")
     tpu: str = _setting("distribution", None,
                         "TPU name or grpc:// address; None: this TPU VM's")
     precision: str = _setting(
@@ -231,22 +235,30 @@ def _fits(field, value):
 
 def _check(config, error):
     """Calls `error` on the first setting no run could use."""
-    jax = keras.backend.backend() == "jax"
+    backend = keras.backend.backend()
+    tensorflow = backend == "tensorflow"
+    on = "" if tensorflow else f" on Keras's {_BACKEND_NAMES[backend]} backend"
     for name, allowed in (
         ("model", tuple(gpt2.SIZES)),
         ("optimizer", OPTIMIZERS),
         ("tokenizer", tuple(tokenizer.VOCAB_SIZES)),
-        ("strategy", strategy_lib.JAX_NAMES if jax else strategy_lib.NAMES),
-        ("precision", JAX_PRECISIONS if jax else PRECISIONS),
+        ("strategy", strategy_lib.BACKEND_NAMES[backend]),
+        ("precision", PRECISIONS if tensorflow else UNSCALED_PRECISIONS),
     ):
         value = getattr(config, name)
         if value not in allowed:
             error(f"{_flag(name)} must be one of {', '.join(allowed)}"
-                  f"{_ON_JAX if jax else ''}; got {value!r}")
-    if jax and config.deterministic:
-        error(f"--deterministic is TensorFlow's{_ON_JAX}: JAX's compiled "
+                  f"{on}; got {value!r}")
+    if backend == "jax" and config.deterministic:
+        error(f"--deterministic is TensorFlow's{on}: JAX's compiled "
               "steps on CPU repeat their bits without it; on GPUs start "
               "with XLA_FLAGS=--xla_gpu_deterministic_ops=true")
+    if backend == "torch" and config.deterministic:
+        error(f"--deterministic is TensorFlow's{on}: torch's eager CPU "
+              "steps repeat their bits without it; on GPUs see "
+              "torch.use_deterministic_algorithms")
+    if backend == "torch" and config.jit:
+        error(f"--jit is XLA's{on}: the torch step runs eagerly")
     for names, test, allowed in _RANGES:
         for name in names:
             value = getattr(config, name)

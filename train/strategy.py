@@ -4,7 +4,8 @@ training on several devices.
 On TensorFlow a name is a `tf.distribute.Strategy`. On Keras's JAX
 backend `mirrored` is a `keras.distribution.DataParallel` over every
 device JAX sees (a machine's GPUs, or a TPU VM's cores) and `default`
-one device; `multiworker` and `tpu` are TensorFlow's.
+one device; `multiworker` and `tpu` are TensorFlow's. On torch, where
+Keras offers no distribution, only `default` (one device).
 """
 
 import contextlib
@@ -15,7 +16,9 @@ import keras
 import tensorflow as tf
 
 NAMES = ("default", "mirrored", "multiworker", "tpu")
-JAX_NAMES = ("default", "mirrored")
+# The names each Keras backend runs.
+BACKEND_NAMES = {"tensorflow": NAMES, "jax": ("default", "mirrored"),
+                 "torch": ("default",)}
 
 
 def get_strategy(name="default", tpu=None):
@@ -62,26 +65,31 @@ class Devices:
 
 def devices(name="default", tpu=None):
     """The `Devices` of strategy `name` on Keras's current backend."""
-    if keras.backend.backend() != "jax":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         strategy = get_strategy(name, tpu)
         return Devices(strategy.scope, strategy.num_replicas_in_sync,
                        strategy.extended.should_checkpoint,
                        strategy.distribute_datasets_from_function)
-    if name not in JAX_NAMES:
+    if name not in BACKEND_NAMES[backend]:
         raise ValueError(
-            f"Argument `strategy` must be one of {JAX_NAMES} on Keras's JAX "
-            f"backend ('mirrored' spans every device JAX sees, a TPU's "
-            f"cores included). Received: strategy={name!r}"
+            f"Argument `strategy` must be one of {BACKEND_NAMES[backend]} "
+            f"on Keras's {backend} backend (on JAX 'mirrored' spans every "
+            "device JAX sees, a TPU's cores included; Keras offers no "
+            f"distribution on torch). Received: strategy={name!r}"
         )
-    import jax
-
     # tf.data only reads and batches here; left alone, TensorFlow would
-    # also claim the GPUs' memory that JAX needs. Once TensorFlow has
-    # started (an earlier run in this process) the setting is fixed.
+    # also claim the GPUs' memory that JAX or torch needs. Once TensorFlow
+    # has started (an earlier run in this process) the setting is fixed.
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
         pass
+    if backend == "torch":
+        return Devices(contextlib.nullcontext, 1, True,
+                       lambda dataset_fn: dataset_fn(None))
+    import jax
+
     replicas = 1
     if name == "mirrored":
         # Set for the whole process: `fit` shards each batch by the
