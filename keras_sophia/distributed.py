@@ -12,6 +12,8 @@ The replicas' Hessian statistics are summed here too (`refresh_across`),
 before `refresh.Refresh.commit`, the one place `h` changes.
 """
 
+import functools
+
 import tensorflow as tf
 
 from keras_sophia import keras_internals
@@ -156,32 +158,41 @@ def refresh_across(primitives, is_refresh, refresh, ordinary):
                 tf.constant(0.0), tf.constant(0.0))
 
     logs, grads, sums, count, broken = tf.cond(is_refresh, gathered, other)
-    # Both branches are traced by now: `missing` is complete.
-    slots = [sophia.hessian_slot(variables[i]).value for i in slotted]
-
-    def combine(strategy, is_refresh, sums, count, broken):
-        def sum_and_commit():
-            totals = strategy.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM,
-                list(zip(sums, slots)) + [(count, slots[0]),
-                                          (broken, slots[0])])
-            full = [None] * len(variables)
-            for i, total in zip(slotted, totals):
-                full[i] = None if i in missing else total
-            refresh.commit(
-                full, totals[-2],
-                strategy.experimental_local_results(totals[-1])[0] == 0,
-                lambda fn, *args: strategy.extended.call_for_each_replica(
-                    fn, args=args))
-
-        if slots:
-            # Every replica holds the same flag (it comes from iterations).
-            tf.cond(strategy.experimental_local_results(is_refresh)[0],
-                    sum_and_commit, lambda: None)
-
-    primitives.replica.merge_call(combine,
-                                  args=(is_refresh, sums, count, broken))
+    # Both branches are traced by now: `missing` is complete. The merge
+    # function is replica 0's (its Python arguments are bound here).
+    primitives.replica.merge_call(
+        functools.partial(_sum_and_commit, refresh, slotted, missing),
+        args=(is_refresh, sums, count, broken))
     return logs, grads
+
+
+def _sum_and_commit(refresh, slotted, missing, strategy, is_refresh, sums,
+                    count, broken):
+    """In cross-replica context: on refresh steps, the replicas' sums,
+    counts and broken flags added, and `refresh.commit` on each replica's
+    copy of `h`."""
+    variables = refresh.primitives.variables
+    slots = [refresh.sophia.hessian_slot(variables[i]).value
+             for i in slotted]
+
+    def sum_and_commit():
+        totals = strategy.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.SUM,
+            list(zip(sums, slots)) + [(count, slots[0]),
+                                      (broken, slots[0])])
+        full = [None] * len(variables)
+        for i, total in zip(slotted, totals):
+            full[i] = None if i in missing else total
+        refresh.commit(
+            full, totals[-2],
+            strategy.experimental_local_results(totals[-1])[0] == 0,
+            lambda fn, *args: strategy.extended.call_for_each_replica(
+                fn, args=args))
+
+    if slots:
+        # Every replica holds the same flag (it comes from iterations).
+        tf.cond(strategy.experimental_local_results(is_refresh)[0],
+                sum_and_commit, lambda: None)
 
 
 def _zeros_if_none(primitives, value, variable):

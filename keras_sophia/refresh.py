@@ -95,11 +95,13 @@ class Refresh:
         """`(logs, grads, (sums, count))`: the step's metrics, training
         gradient and this replica's estimator statistics."""
         sophia, primitives = self.sophia, self.primitives
-        fraction = sophia.hessian_batch_fraction
+        share = slice_size(sophia, self.batch[0])
+        chunks = sophia.chunks_for(share)
+        whole = sophia.hessian_batch_fraction == 1.0 and chunks == 1
         y_pred, grads, statistics = gather(
             primitives, sophia.estimator, self.batch,
-            primitives.step_seed(sophia.seed, sophia.iterations), fraction,
-            sophia.chunks_for(slice_size(fraction, self.batch[0])))
+            primitives.step_seed(sophia.seed, sophia.iterations),
+            None if whole else share, chunks)
         logs = primitives.metrics(self.batch[0], self.batch[1], y_pred,
                                   self.batch[2])
         return logs, list(grads), statistics
@@ -119,20 +121,20 @@ class Refresh:
                              sophia.count_skipped_refresh)
 
 
-def gather(primitives, estimator, batch, seed, fraction=1.0, chunks=1,
+def gather(primitives, estimator, batch, seed, share=None, chunks=1,
            track_loss=True):
     """Forward pass, training gradient and `estimator`'s `(sums, count)`
     for this replica's `batch` = (x, y, sample_weight); `seed` (the
     step's) seeds its draws.
 
-    On the whole batch in one chunk the estimator shares the training
-    pass (`Primitives.shared_pass`). Otherwise the training pass is
-    Keras's own, and the estimator then runs on the leading `fraction` of
-    the batch in `chunks` consecutive chunks, each with a forward pass of
-    its own, one after the other, so that at most one chunk's passes are
-    alive at a time.
+    With `share` None the estimator runs on the whole batch and shares
+    the training pass (`Primitives.shared_pass`). Otherwise the training
+    pass is Keras's own, and the estimator then runs on the leading
+    `share` examples of the batch in `chunks` consecutive chunks, each
+    with a forward pass of its own, one after the other, so that at most
+    one chunk's passes are alive at a time.
     """
-    if fraction == 1.0 and chunks == 1:
+    if share is None:
         y_pred, grads, context = primitives.shared_pass(batch, seed,
                                                         track_loss)
         # After the training backward pass, not beside it: the graph
@@ -143,15 +145,13 @@ def gather(primitives, estimator, batch, seed, fraction=1.0, chunks=1,
         return y_pred, grads, statistics
     y_pred, grads = primitives.forward_backward(batch, track_loss)
     return y_pred, grads, _in_chunks(primitives, estimator, batch, grads,
-                                     seed, fraction, chunks)
+                                     seed, share, chunks)
 
 
-def _in_chunks(primitives, estimator, batch, grads, seed, fraction,
-               chunks):
-    """The estimator's `(sums, count)` over the Hessian share of `batch`,
-    chunk after chunk, in a loop of one chunk at a time that starts after
-    the training gradients exist."""
-    share = slice_size(fraction, batch[0])
+def _in_chunks(primitives, estimator, batch, grads, seed, share, chunks):
+    """The estimator's `(sums, count)` over the leading `share` examples
+    of `batch`, chunk after chunk, in a loop of one chunk at a time that
+    starts after the training gradients exist."""
     # Which statistics the estimator leaves None (the loss does not
     # depend on the variable): known once the loop has traced its body,
     # which every backend's `loop` does before it returns.
@@ -176,16 +176,16 @@ def _in_chunks(primitives, estimator, batch, grads, seed, fraction,
     return [None if m else s for m, s in zip(missing, sums)], count
 
 
-def slice_size(fraction, x):
-    """`max(1, floor(fraction * batch))`: the examples the Hessian is
+def slice_size(sophia, x):
+    """`sophia.hessian_share` of the batch `x`: the examples the Hessian is
     estimated on. Static where the batch size is (XLA wants static
     slices)."""
     first = next(t for t in tree.flatten(x) if t is not None)
-    batch = first.shape[0]
-    if batch is None:
-        batch = ops.cast(ops.shape(first)[0], "float32")
-        return ops.maximum(ops.cast(fraction * batch, "int32"), 1)
-    return max(int(fraction * batch), 1)
+    if first.shape[0] is not None:
+        return sophia.hessian_share(first.shape[0])
+    batch = ops.cast(ops.shape(first)[0], "float32")
+    return ops.maximum(
+        ops.cast(sophia.hessian_batch_fraction * batch, "int32"), 1)
 
 
 def _chunk_rows(share, chunks, k):

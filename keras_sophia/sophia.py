@@ -226,6 +226,11 @@ class Sophia(keras.optimizers.Optimizer):
             refresh = ops.logical_and(refresh, first_micro_batch)
         return refresh
 
+    def hessian_share(self, batch):
+        """`max(1, floor(hessian_batch_fraction * batch))`: the examples
+        of a (per-replica) batch of `batch` the Hessian is estimated on."""
+        return max(int(self.hessian_batch_fraction * batch), 1)
+
     def chunks_for(self, share):
         """The chunks a refresh cuts a Hessian share of `share` examples
         into (see `hessian_chunks`); a ValueError if a set number does not
@@ -284,11 +289,10 @@ class Sophia(keras.optimizers.Optimizer):
         """`beta_2 * h + (1 - beta_2) * estimate`, the new value of `h`.
 
         Its one caller is `update_hessian`, once per `h` slot. The train
-        steps call that method when a refresh's estimate is finite: on
-        TensorFlow `refresh.HessianRefresh` (on several replicas once on
-        each replica's copy of `h`, after the replicas' statistics are
-        summed); on JAX `jax_step.SophiaTrainStep`, in the refresh branch
-        of the step, on the step's optimizer state.
+        step calls that method when a refresh's estimate is finite, in
+        `refresh.Refresh.commit`, the same on every backend (on several
+        TensorFlow replicas once on each replica's copy of `h`, after the
+        replicas' statistics are summed; on JAX on the step's state).
         """
         estimate = ops.cast(estimate, h.dtype)
         # Hessian EMA (Alg. 3), no bias correction.

@@ -6,7 +6,9 @@ Keras's torch trainer runs each step eagerly, one device per process
 (Keras offers no distribution on torch), so `cond` and `loop` are Python
 and nothing is combined over replicas. Hutchinson's `hvp` differentiates
 the recorded training gradient once more (double backward), so a pass
-that may serve it keeps the backward graph (`create_graph=True`).
+that may serve it keeps the backward graph (`create_graph=True`) and runs
+its attention on PyTorch's math kernel: the fused ones (flash,
+memory-efficient) have no derivative of their backward pass.
 
 Not supported on torch yet, each refused with a `ValueError` naming it:
 loss scaling (`LossScaleOptimizer`, `loss_scale_factor`) and gradient
@@ -16,6 +18,8 @@ accumulation.
 import keras
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
+from torch.nn.attention import sdpa_kernel
 from keras import ops
 from keras import tree
 
@@ -55,7 +59,8 @@ class Torch(Primitives):
         return y_pred, list(grads)
 
     def shared_pass(self, batch, seed, track_loss=True):
-        y_pred, loss = self._loss(batch, track_loss)
+        with _twice_differentiable():
+            y_pred, loss = self._loss(batch, track_loss)
         recorded = torch.autograd.grad(loss, self._params(),
                                        create_graph=True, allow_unused=True)
         grads = [None if g is None else g.detach() for g in recorded]
@@ -63,7 +68,8 @@ class Torch(Primitives):
                                            self.variables, recorded, seed)
 
     def chunk_context(self, part, seed, rows):
-        y_pred = self.model(part[0], training=True)
+        with _twice_differentiable():
+            y_pred = self.model(part[0], training=True)
 
         # The chunk's own training gradient, built on first use (GNB never
         # asks): one backward pass through the chunk.
@@ -164,3 +170,9 @@ class TorchContext(EstimatorContext):
         if callable(self._recorded):
             self._recorded = self._recorded()
         return self._recorded
+
+
+def _twice_differentiable():
+    """Attention on PyTorch's math kernel, whose backward pass has a
+    derivative (Hutchinson's `hvp`); the fused kernels' have none."""
+    return sdpa_kernel([SDPBackend.MATH])

@@ -2,7 +2,7 @@
 
 The tests run on Keras's TensorFlow backend unless KERAS_BACKEND says
 otherwise. `.ci/run` also runs the backend-neutral files under
-`KERAS_BACKEND=jax` (the list is in docs/tests.md); there the tests
+`KERAS_BACKEND=jax` and `torch` (the list is in docs/tests.md); there the tests
 marked `tensorflow` (TensorFlow-only features) are deselected.
 """
 

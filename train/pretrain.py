@@ -584,9 +584,14 @@ def main(argv=None):
             f"--batch-size must be a multiple of the {devices.replicas} "
             f"replicas of --strategy {config.strategy}; "
             f"got {config.batch_size}")
-    share = max(1, int(config.hessian_batch_fraction
-                       * (config.batch_size // devices.replicas)))
-    if config.hessian_chunks != "auto" and share % config.hessian_chunks:
+    # Sophia's own rule; seed given, so Python's `random` is not drawn.
+    sophia = keras_sophia.Sophia(
+        hessian_batch_fraction=config.hessian_batch_fraction,
+        hessian_chunks=config.hessian_chunks, seed=0)
+    share = sophia.hessian_share(config.batch_size // devices.replicas)
+    try:
+        sophia.chunks_for(share)
+    except ValueError:
         _parser().error(
             f"--hessian-chunks must divide the {share} blocks per replica "
             f"the Hessian is estimated on (--hessian-batch-fraction "
