@@ -320,3 +320,30 @@ def test_fit_logs_win_rate_and_hessian_norm():
                                rtol=1e-6)
     np.testing.assert_allclose(history.history["hessian_norm"][-1],
                                np.linalg.norm(h), rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_mixed_bfloat16_keeps_float32_state_and_trains(estimator):
+    # On every backend (JAX and torch have no loss scaling: bfloat16 is
+    # their mixed precision).
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        x, y = classification_data(n=64)
+        model = tiny_classifier()
+        model.compile(Sophia(1e-2, hessian_update_interval=2, seed=0,
+                             estimator=estimator), CE)
+        losses = model.fit(x, y, batch_size=16, epochs=3,
+                           verbose=0).history["loss"]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # The model computes in bfloat16 (its output, and so GNB's cotangent,
+    # too); the weights, m and h stay float32, and h was refreshed.
+    assert all(w.dtype == np.float32 for w in model.get_weights())
+    for kind in ("hessian", "momentum"):
+        slots = slot_values(model.optimizer, kind)
+        assert all(s.dtype == np.float32 for s in slots)
+        assert all(np.any(s != 0) for s in slots)
+    assert all(np.isfinite(h).all()
+               for h in slot_values(model.optimizer, "hessian"))
+    assert int(model.optimizer.skipped_refreshes.numpy()) == 0
+    assert losses[2] < losses[1] < losses[0]

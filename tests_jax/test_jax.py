@@ -149,28 +149,6 @@ def test_pretraining_settings_jax_lacks_exit_2_naming_them(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
-def test_mixed_bfloat16_keeps_float32_state_and_trains(estimator):
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        x, y = classification_data(n=64)
-        model = tiny_classifier()
-        model.compile(Sophia(1e-2, hessian_update_interval=2, seed=0,
-                             estimator=estimator), CE)
-        losses = model.fit(x, y, batch_size=16, epochs=3,
-                           verbose=0).history["loss"]
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    # The model computes in bfloat16 (its output, and so GNB's cotangent,
-    # too); the weights, m and h stay float32, and h was refreshed.
-    assert all(w.dtype == np.float32 for w in model.get_weights())
-    for kind in ("hessian", "momentum"):
-        slots = slot_values(model.optimizer, kind)
-        assert all(s.dtype == np.float32 for s in slots)
-        assert all(np.any(s != 0) for s in slots)
-    assert losses[2] < losses[1] < losses[0]
-
-
 def test_the_benchmark_times_and_sizes_sophia_against_adamw_on_jax(
         tmp_path):
     # train.benchmark is a TensorFlow program; its `jax` part times the
