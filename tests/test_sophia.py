@@ -327,4 +327,20 @@ def test_train_step_mixin_is_the_backends_own():
                       SophiaTrainStep)
 
 
-
+def test_auto_chunks_are_the_estimators_and_divide_the_share():
+    # GNB 2 and Hutchinson 8 chunks (BENCHMARKS.md), or the largest
+    # divisor of the share below that; other estimators share the
+    # training pass (1); a set number is kept as it is.
+    assert [Sophia(estimator="gnb", hessian_chunks="auto").chunks_for(n) for n in (12, 7)] == [2, 1]
+    assert [Sophia(estimator="hutchinson", hessian_chunks="auto").chunks_for(n)
+            for n in (16, 12, 5, 11)] == [8, 6, 5, 1]
+    assert Sophia(estimator=lambda context: [], hessian_chunks="auto").chunks_for(12) == 1
+    assert Sophia(hessian_chunks=3).chunks_for(12) == 3
+    # A batch size unknown at tracing: one chunk, which XLA can compile.
+    assert Sophia(estimator="gnb", hessian_chunks="auto").chunks_for(keras.ops.convert_to_tensor(
+        12)) == 1
+    # The default is "auto".
+    assert [Sophia().chunks_for(12),
+            Sophia(estimator="hutchinson").chunks_for(12)] == [2, 6]
+    with pytest.raises(ValueError, match="hessian_chunks"):
+        Sophia(hessian_chunks=0)
