@@ -347,3 +347,20 @@ def test_mixed_bfloat16_keeps_float32_state_and_trains(estimator):
                for h in slot_values(model.optimizer, "hessian"))
     assert int(model.optimizer.skipped_refreshes.numpy()) == 0
     assert losses[2] < losses[1] < losses[0]
+
+
+def test_a_non_finite_gradient_skips_the_step_and_leaves_h_alone():
+    # On every backend (test_nonfinite.py has TensorFlow's variants).
+    x, y = classification_data(n=8)
+    x[0, 0] = np.nan
+    model = tiny_classifier()
+    model.compile(Sophia(0.1, seed=0), CE)
+    weights = model.get_weights()
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    for h in slot_values(model.optimizer, "hessian"):
+        np.testing.assert_array_equal(h, 0.0)
+    assert history.history["skipped_steps"] == [1]
+    assert history.history["skipped_refreshes"] == [1]
+    assert int(model.optimizer.iterations.value) == 0

@@ -35,22 +35,6 @@ def test_importing_keras_sophia_on_jax_leaves_tensorflow_out():
     assert out.split() == ["False", "keras_sophia.jax_step"]
 
 
-def test_a_non_finite_gradient_skips_the_step_and_leaves_h_alone():
-    x, y = classification_data(n=8)
-    x[0, 0] = np.nan
-    model = tiny_classifier()
-    model.compile(Sophia(0.1, seed=0), CE)
-    weights = model.get_weights()
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    for a, b in zip(model.get_weights(), weights):
-        np.testing.assert_array_equal(a, b)
-    for h in slot_values(model.optimizer, "hessian"):
-        np.testing.assert_array_equal(h, 0.0)
-    assert history.history["skipped_steps"] == [1]
-    assert history.history["skipped_refreshes"] == [1]
-    assert int(model.optimizer.iterations.value) == 0
-
-
 @pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
 def test_two_devices_match_one_on_the_same_global_batch(estimator):
     assert len(jax.devices()) == 2
