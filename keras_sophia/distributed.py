@@ -140,6 +140,13 @@ def refresh_across(primitives, is_refresh, refresh, ordinary):
     slotted = [i for i, v in enumerate(variables)
                if sophia.hessian_slot(v) is not None]
     missing = set()
+    seed = primitives.step_seed(sophia.seed, sophia.iterations)
+
+    def dense(value, variable):
+        """`value` in float32, or zeros of `variable`'s shape if None."""
+        if value is None:
+            return primitives.zeros(variable.shape, seed)
+        return tf.cast(value, tf.float32)
 
     def gathered():
         logs, grads, (sums, count) = refresh.gather()
@@ -147,14 +154,13 @@ def refresh_across(primitives, is_refresh, refresh, ordinary):
         # 1 where this replica's pass overflowed (fp16) or went NaN.
         broken = 1.0 - tf.cast(primitives.all_finite(grads + sums),
                                tf.float32)
-        return (logs, grads, [_zeros_if_none(primitives, sums[i],
-                                             variables[i]) for i in slotted],
+        return (logs, grads, [dense(sums[i], variables[i])
+                              for i in slotted],
                 tf.cast(count, tf.float32), broken)
 
     def other():
         logs, grads = ordinary()
-        return (logs, grads, [_zeros_if_none(primitives, None, variables[i])
-                              for i in slotted],
+        return (logs, grads, [dense(None, variables[i]) for i in slotted],
                 tf.constant(0.0), tf.constant(0.0))
 
     logs, grads, sums, count, broken = tf.cond(is_refresh, gathered, other)
@@ -193,14 +199,3 @@ def _sum_and_commit(refresh, slotted, missing, strategy, is_refresh, sums,
         # Every replica holds the same flag (it comes from iterations).
         tf.cond(strategy.experimental_local_results(is_refresh)[0],
                 sum_and_commit, lambda: None)
-
-
-def _zeros_if_none(primitives, value, variable):
-    """`value` in float32, or zeros of `variable`'s shape if None."""
-    if value is not None:
-        return tf.cast(value, tf.float32)
-    sophia = primitives.model.optimizer
-    sophia = getattr(sophia, "inner_optimizer", sophia)
-    return primitives.zeros(variable.shape,
-                            primitives.step_seed(sophia.seed,
-                                                 sophia.iterations))
