@@ -76,8 +76,10 @@ def test_quick_mode_writes_every_figure(tmp_path):
     assert set(second) == set(benchmark.MEMORY_RUNS)
     assert result["peak_memory_ratio_vs_adamw"]["sophia_h_graph_tiny"] == (
         second["sophia_h"]["device"] / second["adamw"]["device"])
-    # 1 x 8 tokens against 2 x 16: a quarter of the logits.
-    assert second["adamw"]["device"] < adamw["device"]
+    # 8 x 64 tokens against 2 x 16: 16 times the logits. One copy of them,
+    # 0.1 GB, is four times the largest swing of a graph-mode peak seen
+    # between two runs of one variant (0.025 GB, in CI).
+    assert second["adamw"]["device"] > adamw["device"]
     # A Hessian-vector product costs more than the gradient alone.
     for way, ratio in result["hvp_time_in_gradients"].items():
         assert ratio > 1.0, way
