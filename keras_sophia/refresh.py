@@ -43,6 +43,7 @@ def train_step(primitives, sophia, x, y, sample_weight):
     """One step of `primitives.model` with optimizer `sophia` (a `Sophia`,
     possibly inside a `LossScaleOptimizer`); returns the logs."""
     batch = (x, y, sample_weight)
+    sophia._expect_estimates(primitives.variables)
     # Read from `iterations` inside the compiled step; a Python counter
     # would be frozen when the step is traced.
     is_refresh = sophia.should_refresh_hessian()

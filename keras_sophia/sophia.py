@@ -174,9 +174,8 @@ class Sophia(keras.optimizers.Optimizer):
         self.hessian_chunks = hessian_chunks
         self.estimator = estimators_lib.get(estimator)
         self.seed = int(seed)
-        # Python-side flag, set when `update_hessian` is traced or run; the
-        # mixin traces the refresh before `apply`, so a missing Hessian
-        # source is caught the first time an update is built.
+        # Python-side flag (see `_expect_estimates`); while it is unset, the
+        # first update built warns of a missing Hessian source.
         self._hessian_seen = False
 
     def build(self, var_list):
@@ -255,6 +254,18 @@ class Sophia(keras.optimizers.Optimizer):
                 f"Received: hessian_chunks={chunks}")
         return chunks
 
+    def _expect_estimates(self, variables):
+        """Builds Sophia on `variables` if it is not built yet, and notes
+        that estimates reach h: from `update_hessian`, and from
+        `SophiaTrainStep`'s step, which feeds h on its schedule even when a
+        call runs no refresh before its first `apply` (an eager branch,
+        after a restore mid-interval). That step reads Sophia's counters
+        before `apply`, which would otherwise build it."""
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+        self._hessian_seen = True
+
     def update_hessian(self, estimates, variables):
         """EMA of the Hessian diagonal: `h = beta_2 * h + (1 - beta_2) * e`.
 
@@ -265,10 +276,7 @@ class Sophia(keras.optimizers.Optimizer):
                 Builds the optimizer on them if it is not built yet.
         """
         variables = list(variables)
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(variables)
-        self._hessian_seen = True
+        self._expect_estimates(variables)
         for estimate, variable in zip(estimates, variables):
             h = self.hessian_slot(variable)
             # No estimate, or a variable Keras overwrites with its gradient.

@@ -77,8 +77,20 @@ def test_same_command_continues_another_is_refused(tmp_path, cache):
     out = str(tmp_path / "run")
     args = TINY + ["--steps", "12", "--out", out, "--cache-dir", cache]
     pretrain.main(args)
-    with pytest.raises(SystemExit, match="other settings: lr.*--resume"):
+    with pytest.raises(SystemExit, match=r"other settings: lr \(0\.003 there, "
+                       r"0\.001 here\)\. Pass --resume"):
         pretrain.main(args + ["--lr", "1e-3"])
+    # Another backend draws other numbers for the same seed: its run is
+    # another run too.
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["keras_backend"] == keras.backend.backend()
+    path.write_text(json.dumps(dict(saved, keras_backend="elsewhere")))
+    with pytest.raises(SystemExit, match=(
+            r"other settings: keras_backend \('elsewhere' there, "
+            f"'{keras.backend.backend()}' here")):
+        pretrain.main(args)
+    path.write_text(json.dumps(saved))
     # The same command finds the run complete at step 12: nothing to train.
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
     pretrain.main(args)

@@ -235,7 +235,7 @@ class Runner:
         saved = folder / "config.json"
         reused = ((folder / "final.weights.h5").exists() and saved.exists()
                   and json.loads(saved.read_text())
-                  == dataclasses.asdict(config))
+                  == pretrain.saved_config(config))
         began = time.monotonic()
         if not reused:
             folder.mkdir(parents=True, exist_ok=True)

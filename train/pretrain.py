@@ -505,11 +505,20 @@ def latest_checkpoint(out):
     return latest["step"], marker.parent / latest["file"]
 
 
+def saved_config(config):
+    """What `config.json` holds: the settings, and Keras's backend, whose
+    random draws differ from another backend's for the same seed."""
+    return dict(dataclasses.asdict(config),
+                keras_backend=keras.backend.backend())
+
+
 def _changed_settings(out, config):
-    """Names of the settings that differ from the run saved in `out`."""
+    """The settings that differ from the run saved in `out`, each as
+    "name (saved value there, this one here)"."""
     saved = json.loads((out / "config.json").read_text())
     return [
-        name for name, value in dataclasses.asdict(config).items()
+        f"{name} ({saved.get(name)!r} there, {value!r} here)"
+        for name, value in saved_config(config).items()
         if name != "resume" and saved.get(name) != value
     ]
 
@@ -601,7 +610,7 @@ def main(argv=None):
     if chief:
         out.mkdir(parents=True, exist_ok=True)
         _write_atomically(out / "config.json",
-                          json.dumps(dataclasses.asdict(config), indent=2))
+                          json.dumps(saved_config(config), indent=2))
     print(f"{len(train_ids):,} training and {len(val_ids):,} validation "
           f"tokens; {devices.replicas} replica(s)")
 
