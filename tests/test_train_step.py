@@ -2,7 +2,7 @@
 does, saving and resuming, and Sophia against Adam on a toy problem.
 
 Backend-neutral but for the tests marked `tensorflow`: `.ci/run` runs
-this file on TensorFlow and on JAX."""
+this file on TensorFlow, JAX and torch."""
 
 import warnings
 
