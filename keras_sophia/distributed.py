@@ -122,16 +122,17 @@ def apply_if(condition, replica, optimizer, grads, variables):
     replica.merge_call(decide, args=(condition, grads))
 
 
-def refresh_across(primitives, is_refresh, refresh, ordinary):
-    """`TensorFlow.branch` on several replicas: `(logs, grads)` of the step,
-    with the replicas' statistics summed and `h` committed on refresh
-    steps.
+def refresh_across(primitives, is_refresh, refresh, ordinary=None):
+    """`TensorFlow.refresh_first` (`ordinary` None) or `TensorFlow.branch`
+    on several replicas, with the replicas' statistics summed and `h`
+    committed on refresh steps. Returns a scalar that exists once `h` is
+    committed, or the step's `(logs, grads)` from `ordinary()` or the
+    refresh's shared pass.
 
     TensorFlow refuses a cross-replica sum inside a `tf.cond` in replica
-    context, so each replica gathers under the cond (zeros on other
-    steps), one unconditional `merge_call` enters cross-replica context,
-    and a cond there wraps the sum and the commit: the all-reduce runs on
-    refresh steps only.
+    context, so each replica gathers under the cond, one unconditional
+    `merge_call` enters cross-replica context, and a cond there wraps the
+    sum and the commit: the all-reduce runs on refresh steps only.
     """
     sophia = refresh.sophia
     variables = primitives.variables
@@ -142,41 +143,52 @@ def refresh_across(primitives, is_refresh, refresh, ordinary):
     missing = set()
     seed = primitives.step_seed(sophia.seed, sophia.iterations)
 
-    def dense(value, variable):
-        """`value` in float32, or zeros of `variable`'s shape if None."""
-        if value is None:
-            return primitives.zeros(variable.shape, seed)
-        return tf.cast(value, tf.float32)
-
     def gathered():
-        logs, grads, (sums, count) = refresh.gather()
+        if ordinary is None:
+            outputs = ()
+            sums, count = refresh.gather()
+            checked = sums
+        else:
+            logs, grads, (sums, count) = refresh.gather_shared()
+            outputs, checked = (logs, grads), grads + sums
         missing.update(i for i in slotted if sums[i] is None)
         # 1 where this replica's pass overflowed (fp16) or went NaN.
-        broken = 1.0 - tf.cast(primitives.all_finite(grads + sums),
-                               tf.float32)
-        return (logs, grads, [dense(sums[i], variables[i])
-                              for i in slotted],
-                tf.cast(count, tf.float32), broken)
+        broken = 1.0 - tf.cast(primitives.all_finite(checked), tf.float32)
+        sums = [primitives.zeros(variables[i].shape, seed)
+                if sums[i] is None else tf.cast(sums[i], tf.float32)
+                for i in slotted]
+        return outputs, sums, tf.cast(count, tf.float32), broken
 
     def other():
-        logs, grads = ordinary()
-        return (logs, grads, [dense(None, variables[i]) for i in slotted],
+        # Ordinary steps send the weights in place of sums, which are
+        # never read there: a read shares the variable's buffer, where
+        # zeros would be one parameter-sized allocation per step.
+        return (() if ordinary is None else ordinary(),
+                [_placeholder(variables[i], seed, primitives)
+                 for i in slotted],
                 tf.constant(0.0), tf.constant(0.0))
 
-    logs, grads, sums, count, broken = tf.cond(is_refresh, gathered, other)
+    outputs, sums, count, broken = tf.cond(is_refresh, gathered, other)
     # Both branches are traced by now: `missing` is complete. The merge
     # function is replica 0's (its Python arguments are bound here).
-    primitives.replica.merge_call(
+    done = primitives.replica.merge_call(
         functools.partial(_sum_and_commit, refresh, slotted, missing),
         args=(is_refresh, sums, count, broken))
-    return logs, grads
+    return done if ordinary is None else outputs
+
+
+def _placeholder(variable, seed, primitives):
+    """`variable`'s value where it is float32, else float32 zeros."""
+    if variable.dtype == "float32":
+        return tf.convert_to_tensor(variable.value)
+    return primitives.zeros(variable.shape, seed)
 
 
 def _sum_and_commit(refresh, slotted, missing, strategy, is_refresh, sums,
                     count, broken):
     """In cross-replica context: on refresh steps, the replicas' sums,
     counts and broken flags added, and `refresh.commit` on each replica's
-    copy of `h`."""
+    copy of `h`. Returns a scalar that exists once that is done."""
     variables = refresh.primitives.variables
     slots = [refresh.sophia.hessian_slot(variables[i]).value
              for i in slotted]
@@ -194,8 +206,10 @@ def _sum_and_commit(refresh, slotted, missing, strategy, is_refresh, sums,
             strategy.experimental_local_results(totals[-1])[0] == 0,
             lambda fn, *args: strategy.extended.call_for_each_replica(
                 fn, args=args))
+        return tf.constant(1.0)
 
-    if slots:
-        # Every replica holds the same flag (it comes from iterations).
-        tf.cond(strategy.experimental_local_results(is_refresh)[0],
-                sum_and_commit, lambda: None)
+    if not slots:
+        return tf.constant(0.0)
+    # Every replica holds the same flag (it comes from iterations).
+    return tf.cond(strategy.experimental_local_results(is_refresh)[0],
+                   sum_and_commit, lambda: tf.constant(0.0))

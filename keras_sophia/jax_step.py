@@ -102,11 +102,8 @@ class JAX(Primitives):
             variable.assign(value)
         return out
 
-    def loop(self, n, body, init, after):
-        # The carry holds `after`, so the loop cannot start before it.
-        carry, _ = jax.lax.fori_loop(
-            0, n, lambda k, c: (body(k, c[0]), c[1]), (init, after))
-        return carry
+    def loop(self, n, body, init):
+        return jax.lax.fori_loop(0, n, body, init)
 
     def all_finite(self, tensors):
         return jnp.all(jnp.array([jnp.all(jnp.isfinite(t)) for t in tensors

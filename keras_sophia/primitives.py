@@ -39,8 +39,10 @@ class Primitives(abc.ABC):
     @abc.abstractmethod
     def chunk_context(self, part, seed, rows):
         """An `EstimatorContext` on `part` = (x, y, sample_weight), from a
-        forward pass of its own that changes no state; `rows` = (first
-        row, rows of the share) places its per-example draws."""
+        forward pass of its own in training mode that changes no state
+        (BatchNormalization's moving statistics and seed generators
+        advance on the training pass only); `rows` = (first row, rows of
+        the share) places its per-example draws."""
 
     @abc.abstractmethod
     def cond(self, pred, true_fn, false_fn):
@@ -49,11 +51,10 @@ class Primitives(abc.ABC):
         what either assigns to variables is kept."""
 
     @abc.abstractmethod
-    def loop(self, n, body, init, after):
-        """`carry = body(k, carry)` for k in 0..n-1 from `init`, one
-        iteration at a time and only after the tensors `after` exist (a
-        chunk must not run beside another, nor beside the training
-        backward pass). `body` changes no state."""
+    def loop(self, n, body, init):
+        """`carry = body(k, carry)` for k in 0..n-1 (`n` an int or an int
+        tensor) from `init`, one iteration at a time (a chunk must not run
+        beside another). `body` changes no state."""
 
     @abc.abstractmethod
     def all_finite(self, tensors):
@@ -72,13 +73,21 @@ class Primitives(abc.ABC):
 
     def after(self, tensors, fn):
         """`fn()`, run after `tensors` exist (the graph executor would
-        otherwise run it beside the pass that makes them)."""
+        otherwise be free to run it beside what makes them; JAX's `cond`
+        threads the state, so what reads it after a `cond` waits for
+        it)."""
         del tensors
         return fn()
 
     def branch(self, is_refresh, refresh, ordinary):
         """`refresh.run()` on refresh steps, else `ordinary()`."""
         return self.cond(is_refresh, refresh.run, ordinary)
+
+    def refresh_first(self, is_refresh, refresh):
+        """`refresh.estimate()` on refresh steps: a float32 scalar that
+        exists once `h` is updated (or left alone)."""
+        return self.cond(is_refresh, refresh.estimate,
+                         lambda: ops.zeros((), "float32"))
 
     def all_reduce(self, grads):
         """The gradients summed over replicas (one replica: as they are)."""

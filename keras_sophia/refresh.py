@@ -4,31 +4,38 @@
 
 1. decide: `Sophia.should_refresh_hessian()`, read from `iterations`
    inside the compiled step;
-2. on refresh steps (`Refresh`):
-   a. gather: the training pass and the estimator's `(sums, count)` for
-      this replica's batch, from an `EstimatorContext` that shares the
-      training pass, or chunk after chunk of the Hessian share (`gather`);
+2. on refresh steps (`Refresh`), before the training pass:
+   a. gather: the estimator's `(sums, count)` for this replica's Hessian
+      share, chunk after chunk, each with a forward pass of its own that
+      changes no model state (`Refresh.gather`);
    b. combine: sums and counts added over the replicas (on one replica,
       and on JAX, where the step is one program over the global batch,
       there is nothing to add);
-   c. check: a NaN or Inf in any replica's gradient or statistics leaves
-      `h` alone and counts the refresh in `skipped_refreshes` (under
-      float16 loss scaling the step overflowed: `LossScaleOptimizer`
-      skips it, and the EMA would keep a bad estimate for good);
+   c. check: a NaN or Inf in any replica's statistics leaves `h` alone
+      and counts the refresh in `skipped_refreshes`;
    d. update: `estimator.finalize(totals, count)` into
       `Sophia.update_hessian`, on every replica's copy of `h`;
-   other steps run Keras's own training pass; both update the metrics;
-3. check the gradient: a NaN or Inf skips the update and is counted in
+3. the training pass, Keras's own, once the refresh is done: the
+   estimator's buffers are gone before the training gradient exists, so
+   a refresh never holds both (docs/train-step.md), and the metrics;
+4. check the gradient: a NaN or Inf skips the update and is counted in
    `skipped_steps`, else the optimizer applies it;
-4. `Sophia.update_diagnostics` on refresh steps, and the logs.
+5. `Sophia.update_diagnostics` on refresh steps, and the logs.
+
+With `hessian_chunks=1` on the whole batch the refresh instead shares the
+training pass (`Refresh.run`): faster, but the estimator's buffers are
+then alive beside the training gradient, and the check of stage c also
+covers the gradient.
 
 Everything a backend does differently is a method of its `Primitives`
 (`primitives.py`). On several TensorFlow replicas the combine cannot run
 inside the conditional that selects refresh steps, so that backend's
-`branch` gathers under it and combines after it (`distributed.py`).
+`branch` and `refresh_first` gather under it and combine after it
+(`distributed.py`).
 """
 
 import inspect
+import math
 
 import keras
 import numpy as np
@@ -47,6 +54,7 @@ def train_step(primitives, sophia, x, y, sample_weight):
     # Read from `iterations` inside the compiled step; a Python counter
     # would be frozen when the step is traced.
     is_refresh = sophia.should_refresh_hessian()
+    refresh = Refresh(primitives, sophia, batch)
 
     def ordinary():
         y_pred, grads = primitives.forward_backward(batch)
@@ -54,14 +62,15 @@ def train_step(primitives, sophia, x, y, sample_weight):
 
     # Metrics inside each branch: only scalars leave it, not the output
     # (logits-sized).
-    logs, grads = primitives.branch(is_refresh,
-                                    Refresh(primitives, sophia, batch),
-                                    ordinary)
+    if sophia.shares_training_pass:
+        logs, grads = primitives.branch(is_refresh, refresh, ordinary)
+    else:
+        done = primitives.refresh_first(is_refresh, refresh)
+        logs, grads = primitives.after(done, ordinary)
     grads = primitives.all_reduce(grads)
     # A NaN or Inf gradient never reaches m or the weights: the step is
-    # skipped and counted (a refresh on it has already left h alone).
-    # Under float16 loss scaling the LossScaleOptimizer skips it itself,
-    # and must, to lower its scale.
+    # skipped and counted. Under float16 loss scaling the
+    # LossScaleOptimizer skips it itself, and must, to lower its scale.
     finite = primitives.all_finite(grads)
     sophia.skipped_steps.assign_add(
         ops.cast(ops.logical_not(finite), sophia.skipped_steps.dtype))
@@ -79,30 +88,49 @@ def train_step(primitives, sophia, x, y, sample_weight):
 
 
 class Refresh:
-    """The refresh of one step: `run()` = `gather()`, then `commit`."""
+    """The refresh of one step: `estimate()` before the training pass, or
+    `run()` sharing it (`Sophia.shares_training_pass`); each is a gather,
+    then `commit`."""
 
     def __init__(self, primitives, sophia, batch):
         self.primitives = primitives
         self.sophia = sophia
         self.batch = batch
 
+    def estimate(self):
+        """Updates `h` from the estimator's own passes; returns the
+        statistics' count, a scalar that exists once `h` is updated."""
+        sums, count = self.gather()
+        self.commit(sums, count, self.primitives.all_finite(sums))
+        return count
+
+    def gather(self):
+        """This replica's `(sums, count)` over its Hessian share, in
+        chunks (`Sophia.chunks_for`, from the sizes of this batch)."""
+        sophia, primitives = self.sophia, self.primitives
+        x = self.batch[0]
+        share = hessian_share(sophia, x)
+        chunks = sophia.chunks_for(share, example_bytes(primitives.model, x),
+                                   parameter_bytes(primitives.variables))
+        return _in_chunks(primitives, sophia.estimator, self.batch,
+                          primitives.step_seed(sophia.seed,
+                                               sophia.iterations),
+                          share, chunks)
+
     def run(self):
-        """`(logs, grads)` of the step, after `h` is updated."""
-        logs, grads, (sums, count) = self.gather()
+        """`(logs, grads)` of the step from the shared training pass,
+        after `h` is updated."""
+        logs, grads, (sums, count) = self.gather_shared()
         self.commit(sums, count, self.primitives.all_finite(grads + sums))
         return logs, grads
 
-    def gather(self):
+    def gather_shared(self):
         """`(logs, grads, (sums, count))`: the step's metrics, training
-        gradient and this replica's estimator statistics."""
+        gradient and this replica's statistics from the shared pass."""
         sophia, primitives = self.sophia, self.primitives
-        share = slice_size(sophia, self.batch[0])
-        chunks = sophia.chunks_for(share)
-        whole = sophia.hessian_batch_fraction == 1.0 and chunks == 1
-        y_pred, grads, statistics = gather(
+        y_pred, grads, statistics = shared_pass(
             primitives, sophia.estimator, self.batch,
-            primitives.step_seed(sophia.seed, sophia.iterations),
-            None if whole else share, chunks)
+            primitives.step_seed(sophia.seed, sophia.iterations))
         logs = primitives.metrics(self.batch[0], self.batch[1], y_pred,
                                   self.batch[2])
         return logs, list(grads), statistics
@@ -122,62 +150,72 @@ class Refresh:
                              sophia.count_skipped_refresh)
 
 
-def gather(primitives, estimator, batch, seed, share=None, chunks=1,
-           track_loss=True):
+def shared_pass(primitives, estimator, batch, seed, track_loss=True):
     """Forward pass, training gradient and `estimator`'s `(sums, count)`
-    for this replica's `batch` = (x, y, sample_weight); `seed` (the
-    step's) seeds its draws.
-
-    With `share` None the estimator runs on the whole batch and shares
-    the training pass (`Primitives.shared_pass`). Otherwise the training
-    pass is Keras's own, and the estimator then runs on the leading
-    `share` examples of the batch in `chunks` consecutive chunks, each
-    with a forward pass of its own, one after the other, so that at most
-    one chunk's passes are alive at a time.
-    """
-    if share is None:
-        y_pred, grads, context = primitives.shared_pass(batch, seed,
-                                                        track_loss)
-        # After the training backward pass, not beside it: the graph
-        # executor would otherwise run both at once and hold the
-        # logits-sized tensors of each.
-        statistics = primitives.after(
-            grads, lambda: estimator.statistics(context))
-        return y_pred, grads, statistics
-    y_pred, grads = primitives.forward_backward(batch, track_loss)
-    return y_pred, grads, _in_chunks(primitives, estimator, batch, grads,
-                                     seed, share, chunks)
+    for this replica's whole `batch` = (x, y, sample_weight), the
+    estimator reusing the training pass (`Primitives.shared_pass`); `seed`
+    (the step's) seeds its draws."""
+    y_pred, grads, context = primitives.shared_pass(batch, seed, track_loss)
+    # After the training backward pass, not beside it: the graph executor
+    # would otherwise run both at once and hold the logits-sized tensors
+    # of each.
+    statistics = primitives.after(
+        grads, lambda: estimator.statistics(context))
+    return y_pred, grads, statistics
 
 
-def _in_chunks(primitives, estimator, batch, grads, seed, share, chunks):
+def _in_chunks(primitives, estimator, batch, seed, share, chunks):
     """The estimator's `(sums, count)` over the leading `share` examples
-    of `batch`, chunk after chunk, in a loop of one chunk at a time that
-    starts after the training gradients exist."""
+    of `batch`, in `chunks` consecutive chunks, one at a time.
+
+    Where the share is known when the step is traced, `chunks` divides
+    it. Otherwise chunks of `share // chunks` rows come first, then the
+    `share % chunks` chunks of one row more, in two loops: each loop's
+    chunks have one size, which XLA sees as static once it compiles for a
+    batch (a size that changed from chunk to chunk would be sized for the
+    whole share). One chunk runs without a loop or a sum beside it.
+    """
     # Which statistics the estimator leaves None (the loss does not
     # depend on the variable): known once the loop has traced its body,
     # which every backend's `loop` does before it returns.
     missing = []
 
-    def body(k, carry):
-        sums, count = carry
-        start, size = _chunk_rows(share, chunks, k)
+    def statistics(start, size):
         part = tree.map_structure(
             lambda t: None if t is None else _slice_rows(t, start, size),
             batch)
-        chunk_sums, chunk_count = estimator.statistics(
+        return estimator.statistics(
             primitives.chunk_context(part, seed, (start, share)))
-        missing[:] = [c is None for c in chunk_sums]
-        sums = [s if c is None else s + ops.cast(c, "float32")
-                for s, c in zip(sums, chunk_sums)]
-        return sums, count + ops.cast(chunk_count, "float32")
+
+    if isinstance(chunks, int) and chunks == 1:
+        sums, count = statistics(0, share)
+        return list(sums), ops.cast(count, "float32")
+
+    def chunks_of(first, size):
+        """A loop body over chunks of `size` rows from row `first`."""
+        def body(k, carry):
+            sums, count = carry
+            chunk_sums, chunk_count = statistics(first + k * size, size)
+            missing[:] = [c is None for c in chunk_sums]
+            sums = [s if c is None else s + ops.cast(c, "float32")
+                    for s, c in zip(sums, chunk_sums)]
+            return sums, count + ops.cast(chunk_count, "float32")
+        return body
 
     zeros = [primitives.zeros(v.shape, seed) for v in primitives.variables]
-    sums, count = primitives.loop(
-        chunks, body, (zeros, ops.convert_to_tensor(0.0, "float32")), grads)
+    carry = (zeros, ops.convert_to_tensor(0.0, "float32"))
+    if not isinstance(share, int):
+        chunks = ops.minimum(chunks, share)  # at least one row each
+    size, longer = share // chunks, share % chunks
+    carry = primitives.loop(chunks - longer, chunks_of(0, size), carry)
+    if not isinstance(longer, int):
+        carry = primitives.loop(
+            longer, chunks_of((chunks - longer) * size, size + 1), carry)
+    sums, count = carry
     return [None if m else s for m, s in zip(missing, sums)], count
 
 
-def slice_size(sophia, x):
+def hessian_share(sophia, x):
     """`sophia.hessian_share` of the batch `x`: the examples the Hessian is
     estimated on. Static where the batch size is (XLA wants static
     slices)."""
@@ -189,15 +227,31 @@ def slice_size(sophia, x):
         ops.cast(sophia.hessian_batch_fraction * batch, "int32"), 1)
 
 
-def _chunk_rows(share, chunks, k):
-    """(first row, rows) of chunk `k` of the Hessian share: equal chunks
-    where the share is static (`Sophia.chunks_for` divides it); a batch
-    of unknown size (a graph-mode epoch's last batch) is cut into chunks
-    that differ by at most one row."""
-    if isinstance(share, int):
-        return k * (share // chunks), share // chunks
-    start = share * k // chunks
-    return start, share * (k + 1) // chunks - start
+# The float32 copies of the model's output a refresh holds per example at
+# its peak: the logits (cast), their softmax, the estimator's cotangent
+# and the logits' gradient in its backward pass.
+OUTPUT_COPIES = 4
+
+
+def example_bytes(model, x):
+    """What one example of `x` costs a refresh, for `hessian_chunks=
+    "auto"`: `OUTPUT_COPIES` float32 copies of the model's output for it,
+    from the output's shape (`compute_output_spec`, no computation); None
+    where a dimension of it is unknown."""
+    specs = tree.map_structure(
+        lambda t: None if t is None else keras.KerasTensor(
+            (None, *t.shape[1:]), t.dtype), x)
+    shapes = [spec.shape[1:]
+              for spec in tree.flatten(model.compute_output_spec(specs))]
+    if any(d is None for shape in shapes for d in shape):
+        return None
+    return OUTPUT_COPIES * 4 * sum(math.prod(shape) for shape in shapes)
+
+
+def parameter_bytes(variables):
+    """The bytes of `variables`."""
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize
+               for v in variables)
 
 
 def _slice_rows(tensor, start, size):
@@ -237,9 +291,9 @@ def estimate_hessian(model, x, y=None, sample_weight=None, estimator=None,
     primitives = _primitives(model)
     if np.ndim(seed) == 0:
         seed = primitives.step_seed(seed, 0)
-    _, _, (sums, count) = gather(primitives, estimator,
-                                 (x, y, sample_weight), seed,
-                                 track_loss=False)
+    _, _, (sums, count) = shared_pass(primitives, estimator,
+                                      (x, y, sample_weight), seed,
+                                      track_loss=False)
     return estimator.finalize(sums, count)
 
 

@@ -1,5 +1,6 @@
 """The Sophia optimizer (Liu et al., 2023, arXiv 2305.14342, Algorithm 3)."""
 
+import math
 import random
 import warnings
 
@@ -60,21 +61,26 @@ class Sophia(keras.optimizers.Optimizer):
             estimator runs its own forward pass through that share after
             the training pass (cheaper, noisier). The paper's GPT-2 runs
             used 240 of 480 examples, i.e. 0.5. Defaults to `1.0`.
-        hessian_chunks: Number of equal, consecutive chunks the Hessian
-            share is cut into on refresh steps (it must divide the share),
-            or `"auto"`. The estimator runs on one chunk at a time, each
-            with its own forward pass, and the chunks' statistics are
+        hessian_chunks: Number of consecutive chunks the Hessian share is
+            cut into on refresh steps (a set number must divide a share
+            known when the step is traced), or `"auto"`. The estimator runs
+            on one chunk at a time, each with its own forward pass, before
+            the step's training pass, and the chunks' statistics are
             summed before the estimate is made: the estimate is the same,
-            the refresh's extra memory is divided by the chunks, and one
-            more forward pass over the share is the price. With 1 and the
-            whole batch the estimator reuses the training forward pass
-            instead. `"auto"` takes 2 chunks for GNB and 8 for Hutchinson
-            (the fewest that kept every refresh of the tiny GPT-2 within
-            1.10x AdamW's peak memory, with and without XLA,
-            BENCHMARKS.md), or the largest divisor of
-            the share below that; 1 for other estimators, and where the
-            batch size is unknown when the step is traced. Defaults to
-            `"auto"`.
+            a chunk's activations and logits are divided by the chunks,
+            and more than one chunk adds one parameter-sized sum. With 1
+            and the whole batch the estimator instead reuses the training
+            pass (fastest; its buffers are then alive beside the training
+            gradient). `"auto"` weighs one example's estimator bytes
+            (four float32 copies of the model's output: logits, their
+            softmax, the sampled cotangent, its gradient) against the
+            parameter bytes: `ceil(share * example_bytes /
+            parameter_bytes)` chunks, at least 1 (where parameters
+            dominate: one pass of its own) and at most 2 for GNB and 8 for
+            Hutchinson (the fewest that kept every refresh of the tiny
+            GPT-2 within 1.10x AdamW's peak memory, BENCHMARKS.md), 1 for
+            other estimators; on a share known when the step is traced,
+            the largest divisor of it up to that. Defaults to `"auto"`.
         estimator: `"gnb"` (Gauss-Newton-Bartlett, Sophia-G),
             `"hutchinson"` (Sophia-H), or a `HessianEstimator` instance or
             a callable `fn(context) -> estimates` (see
@@ -230,22 +236,33 @@ class Sophia(keras.optimizers.Optimizer):
         of a (per-replica) batch of `batch` the Hessian is estimated on."""
         return max(int(self.hessian_batch_fraction * batch), 1)
 
-    def chunks_for(self, share):
+    def chunks_for(self, share, example_bytes=None, parameter_bytes=None):
         """The chunks a refresh cuts a Hessian share of `share` examples
         into (see `hessian_chunks`); a ValueError if a set number does not
-        divide it. `share` is a tensor where the batch size is not known
-        when the step is traced; `"auto"` then keeps one chunk, as XLA
-        cannot slice a batch of unknown size."""
+        divide it.
+
+        `share` is a tensor where the batch size is not known when the step
+        is traced (`fit` on arrays, a `tf.data` batch without
+        `drop_remainder` on TensorFlow); `"auto"` then gives a tensor too.
+        `example_bytes` (one example's estimator bytes) and
+        `parameter_bytes` (the trainable variables') are what `"auto"`
+        weighs; without them it takes its most.
+        """
         chunks = self.hessian_chunks
-        if not isinstance(share, int):
-            return 1 if chunks == "auto" else chunks
         if chunks == "auto":
-            wanted = {estimators_lib.GaussNewtonBartlett: 2,
-                      estimators_lib.Hutchinson: 8}.get(
-                          type(self.estimator), 1)
-            return max(n for n in range(1, wanted + 1) if share % n == 0)
+            most = _AUTO_MOST.get(type(self.estimator), 1)
+            if example_bytes is not None and parameter_bytes:
+                # ceil(share * example_bytes / parameter_bytes) in [1, most].
+                ratio = example_bytes / parameter_bytes
+                if not isinstance(share, int):
+                    wanted = ops.ceil(ops.cast(share, "float32") * ratio)
+                    return ops.cast(ops.clip(wanted, 1, most), "int32")
+                most = min(most, max(1, math.ceil(share * ratio)))
+            if not isinstance(share, int):
+                return most
+            return max(n for n in range(1, most + 1) if share % n == 0)
         # Chunks share one static shape (XLA compiles the loop's body once).
-        if share % chunks:
+        if isinstance(share, int) and share % chunks:
             raise ValueError(
                 f"Argument `hessian_chunks` must divide the {share} "
                 "examples per replica that the Hessian is estimated on "
@@ -253,6 +270,12 @@ class Sophia(keras.optimizers.Optimizer):
                 "the batch), so that every chunk has the same shape. "
                 f"Received: hessian_chunks={chunks}")
         return chunks
+
+    @property
+    def shares_training_pass(self):
+        """Whether a refresh reuses the training pass (`hessian_chunks=1`
+        on the whole batch) instead of passes of its own before it."""
+        return self.hessian_chunks == 1 and self.hessian_batch_fraction == 1
 
     def _expect_estimates(self, variables):
         """Builds Sophia on `variables` if it is not built yet, and notes
@@ -377,6 +400,11 @@ class Sophia(keras.optimizers.Optimizer):
                 config["estimator"], custom_objects=custom_objects
             )
         return super().from_config(config, custom_objects=custom_objects)
+
+
+# The most chunks `hessian_chunks="auto"` takes, per estimator.
+_AUTO_MOST = {estimators_lib.GaussNewtonBartlett: 2,
+              estimators_lib.Hutchinson: 8}
 
 
 def _check_float(name, value, low, high=None, low_inclusive=True):

@@ -109,16 +109,18 @@ class TensorFlow(Primitives):
         return y_pred, grads, context
 
     def chunk_context(self, part, seed, rows):
+        # In a scope of its own: what the pass assigns (BatchNormalization's
+        # moving statistics, seed generators) is dropped with it.
+        scope = keras.StatelessScope(collect_losses=True)
         outer = tf.GradientTape(persistent=True)
         inner = tf.GradientTape(persistent=True)
-        with outer:
-            with inner:
-                y_pred = self.model(part[0], training=True)
+        with scope, outer, inner:
+            y_pred = self.model(part[0], training=True)
 
         # The chunk's own training gradient, built on first use (GNB never
         # asks): one backward pass through the chunk.
         def grads():
-            with outer:
+            with scope, outer:
                 _, loss = training_loss(self.model, *part, inner, False,
                                         y_pred=y_pred)
                 return inner.gradient(loss, self.variables)
@@ -130,21 +132,15 @@ class TensorFlow(Primitives):
     def cond(self, pred, true_fn, false_fn):
         return tf.cond(pred, true_fn, false_fn)
 
-    def loop(self, n, body, init, after):
-        # A `tf.while_loop` with one iteration at a time: neither the graph
-        # executor nor XLA (which drops control dependencies) may run two
-        # iterations, or one beside the pass that makes `after`, at once.
-        # The loop carries `after` for the second reason: it cannot start
-        # before they exist.
-        ready = _flat(after)
+    def loop(self, n, body, init):
+        # One iteration at a time: neither the graph executor nor XLA may
+        # run two chunks at once.
+        def step(k, carry):
+            return k + 1, body(k, carry)
 
-        def step(k, carry, ready):
-            return k + 1, body(k, carry), ready
-
-        with tf.control_dependencies(ready):  # for the graph executor
-            _, carry, _ = tf.while_loop(
-                lambda k, *_: k < n, step, (tf.constant(0), init, ready),
-                parallel_iterations=1)
+        _, carry = tf.while_loop(lambda k, _: k < n, step,
+                                 (tf.constant(0), init),
+                                 parallel_iterations=1)
         return carry
 
     def all_finite(self, tensors):
@@ -178,6 +174,11 @@ class TensorFlow(Primitives):
             return super().branch(is_refresh, refresh_, ordinary)
         return distributed.refresh_across(self, is_refresh, refresh_,
                                           ordinary)
+
+    def refresh_first(self, is_refresh, refresh_):
+        if self.replica is None:
+            return super().refresh_first(is_refresh, refresh_)
+        return distributed.refresh_across(self, is_refresh, refresh_)
 
     def all_reduce(self, grads):
         if self.replica is None:

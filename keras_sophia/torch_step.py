@@ -68,13 +68,17 @@ class Torch(Primitives):
                                            self.variables, recorded, seed)
 
     def chunk_context(self, part, seed, rows):
-        with _twice_differentiable():
+        # In a scope of its own: what the pass assigns (BatchNormalization's
+        # moving statistics, seed generators) is dropped with it.
+        scope = keras.StatelessScope(collect_losses=True)
+        with scope, _twice_differentiable():
             y_pred = self.model(part[0], training=True)
 
         # The chunk's own training gradient, built on first use (GNB never
         # asks): one backward pass through the chunk.
         def grads():
-            _, loss = self._loss(part, False, y_pred=y_pred)
+            with scope:
+                _, loss = self._loss(part, False, y_pred=y_pred)
             return torch.autograd.grad(loss, self._params(),
                                        create_graph=True, retain_graph=True,
                                        allow_unused=True)
@@ -85,10 +89,9 @@ class Torch(Primitives):
     def cond(self, pred, true_fn, false_fn):
         return true_fn() if bool(pred) else false_fn()
 
-    def loop(self, n, body, init, after):
-        del after  # eager: it exists
+    def loop(self, n, body, init):
         carry = init
-        for k in range(n):
+        for k in range(int(n)):
             carry = body(k, carry)
         return carry
 

@@ -328,19 +328,30 @@ def test_train_step_mixin_is_the_backends_own():
 
 
 def test_auto_chunks_are_the_estimators_and_divide_the_share():
-    # GNB 2 and Hutchinson 8 chunks (BENCHMARKS.md), or the largest
-    # divisor of the share below that; other estimators share the
-    # training pass (1); a set number is kept as it is.
-    assert [Sophia(estimator="gnb", hessian_chunks="auto").chunks_for(n) for n in (12, 7)] == [2, 1]
-    assert [Sophia(estimator="hutchinson", hessian_chunks="auto").chunks_for(n)
-            for n in (16, 12, 5, 11)] == [8, 6, 5, 1]
-    assert Sophia(estimator=lambda context: [], hessian_chunks="auto").chunks_for(12) == 1
+    # At most GNB 2 and Hutchinson 8 chunks (BENCHMARKS.md), or the
+    # largest divisor of the share below that; other estimators 1; a set
+    # number is kept as it is.
+    gnb, hutchinson = (Sophia(estimator=e) for e in ("gnb", "hutchinson"))
+    assert [gnb.chunks_for(n) for n in (12, 7)] == [2, 1]
+    assert [hutchinson.chunks_for(n) for n in (16, 12, 5, 11)] == [8, 6, 5, 1]
+    assert Sophia(estimator=lambda context: []).chunks_for(12) == 1
     assert Sophia(hessian_chunks=3).chunks_for(12) == 3
-    # A batch size unknown at tracing: one chunk, which XLA can compile.
-    assert Sophia(estimator="gnb", hessian_chunks="auto").chunks_for(keras.ops.convert_to_tensor(
-        12)) == 1
-    # The default is "auto".
-    assert [Sophia().chunks_for(12),
-            Sophia(estimator="hutchinson").chunks_for(12)] == [2, 6]
+    # With the sizes: ceil(share * example_bytes / parameter_bytes), in
+    # [1, most]. Parameters dominate: one pass (12 * 10 / 1000 -> 1);
+    # 12 * 100 / 1000 -> 2; 12 * 1000 / 1000 -> 12, so the most.
+    assert [hutchinson.chunks_for(12, b, 1000) for b in (10, 100, 1000)] == [
+        1, 2, 6]
+    assert [gnb.chunks_for(12, b, 1000) for b in (10, 100, 1000)] == [1, 2, 2]
+    # A batch size unknown when the step is traced: the same rule at run
+    # time, without the divisor (the chunks may differ by a row).
+    share = keras.ops.convert_to_tensor(12)
+    assert [int(hutchinson.chunks_for(share, b, 1000))
+            for b in (10, 100, 1000)] == [1, 2, 8]
+    assert hutchinson.chunks_for(share) == 8
+    # Only hessian_chunks=1 on the whole batch shares the training pass.
+    assert Sophia(hessian_chunks=1).shares_training_pass
+    assert not Sophia(hessian_chunks=1,
+                      hessian_batch_fraction=0.5).shares_training_pass
+    assert not Sophia().shares_training_pass
     with pytest.raises(ValueError, match="hessian_chunks"):
         Sophia(hessian_chunks=0)

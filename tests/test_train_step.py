@@ -384,3 +384,100 @@ def test_a_non_finite_gradient_skips_the_step_and_leaves_h_alone():
     assert history.history["skipped_steps"] == [1]
     assert history.history["skipped_refreshes"] == [1]
     assert int(model.optimizer.iterations.value) == 0
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+@pytest.mark.parametrize("chunks, fraction", [(2, 1.0), (1, 0.5), (1, 1.0)])
+def test_a_refresh_leaves_model_state_as_an_ordinary_step_does(
+        estimator, chunks, fraction):
+    # BatchNormalization's moving statistics and Dropout's seed generator
+    # after one refresh step (step 0) equal those after one step of plain
+    # Keras (SGD) from the same weights: the estimator's own passes
+    # (chunks, or a part of the batch) change no model state. Before, each
+    # chunk's pass moved the statistics once more on TensorFlow and torch.
+    x, y = classification_data(n=8)
+
+    def after_one_step(optimizer):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        h = keras.layers.Dense(8)(inputs)
+        h = keras.layers.BatchNormalization(momentum=0.5)(h)
+        h = keras.layers.Dropout(0.5, seed=3)(keras.activations.tanh(h))
+        model = SophiaModel(inputs, keras.layers.Dense(3)(h))
+        model.compile(optimizer, CE)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        return [v.numpy() for v in model.non_trainable_variables]
+
+    sophia = after_one_step(Sophia(0.01, seed=0, estimator=estimator,
+                                   hessian_chunks=chunks,
+                                   hessian_batch_fraction=fraction))
+    plain = after_one_step(keras.optimizers.SGD(0.01))
+    assert len(sophia) >= 3  # moving mean, moving variance, seed state
+    assert any(np.any(p != 0) and np.any(p != 1) for p in plain)
+    for got, want in zip(sophia, plain):
+        np.testing.assert_array_equal(got, want)
+
+
+def chunks_seen(sophia, batch=8, static=True):
+    """h after one refresh of a tiny classifier on `batch` examples, with
+    beta_2 = 0 and an estimate of n**2 on a chunk of n examples: the
+    refresh sums n**2 * n over its chunks and divides by the share, so h
+    is sum(n**3) / sum(n), which tells how the share was cut. On
+    TensorFlow the batch is a `tf.data` batch with `drop_remainder=static`:
+    without it, its size is unknown when the step is traced, as for `fit`
+    on arrays whose last batch is a partial one."""
+    x, y = classification_data(n=batch)
+    model = tiny_classifier()
+    model.compile(sophia, CE)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+            batch, drop_remainder=static)
+        assert data.element_spec[0].shape[0] == (batch if static else None)
+        model.fit(data, epochs=1, verbose=0, shuffle=False)
+    else:
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    return float(slot_values(model.optimizer, "hessian")[0].flat[0])
+
+
+def sized(**kwargs):
+    return Sophia(0.01, beta_2=0.0, seed=0, estimator=lambda ctx: [
+        keras.ops.ones(v.shape) * ctx.examples ** 2 for v in ctx.variables
+    ], **kwargs)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_chunks_cut_the_share_as_documented(static):
+    # 8 rows in 2 chunks of 4: (2 * 4**3) / 8 = 16; in 1 pass: 8**2 = 64;
+    # the leading half in 2 chunks of 2: (2 * 2**3) / 4 = 4.
+    assert chunks_seen(sized(hessian_chunks=2), static=static) == 16
+    assert chunks_seen(sized(hessian_chunks=1), static=static) == 64
+    assert chunks_seen(sized(hessian_chunks=2, hessian_batch_fraction=0.5),
+                       static=static) == 4
+
+
+@pytest.mark.tensorflow  # a batch size unknown when the step is traced
+def test_a_share_of_unknown_size_is_cut_into_chunks_a_row_apart():
+    # 7 rows in 3 chunks: 2, 2 and 3 rows, (8 + 8 + 27) / 7.
+    assert chunks_seen(sized(hessian_chunks=3), batch=7,
+                       static=False) == pytest.approx(43 / 7)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_auto_chunks_weigh_the_output_against_the_parameters(
+        static, monkeypatch):
+    # The tiny classifier: 75 parameters (300 bytes); one example's output
+    # of 3 logits costs the refresh 4 float32 copies, 48 bytes. So auto
+    # takes ceil(share * 48 / 300) chunks, at most the estimator's most
+    # (here set to 4 for the test's estimator): share 8 -> 2 chunks (16),
+    # share 2 -> 1 (4), share 32 -> 4 chunks of 8 (64). A batch size
+    # unknown when the step is traced gets the same chunks.
+    from keras_sophia import estimators
+    from keras_sophia import sophia as sophia_lib
+
+    monkeypatch.setitem(sophia_lib._AUTO_MOST,
+                        estimators.FunctionEstimator, 4)
+    assert chunks_seen(sized(), static=static) == 16
+    assert chunks_seen(sized(), batch=2, static=static) == 4
+    assert chunks_seen(sized(), batch=32, static=static) == 64
