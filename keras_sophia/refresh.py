@@ -176,43 +176,60 @@ def _in_chunks(primitives, estimator, batch, seed, share, chunks):
     whole share). One chunk runs without a loop or a sum beside it.
     """
     # Which statistics the estimator leaves None (the loss does not
-    # depend on the variable): known once the loop has traced its body,
-    # which every backend's `loop` does before it returns.
+    # depend on the variable): known once a chunk's pass is traced.
     missing = []
 
     def statistics(start, size):
         part = tree.map_structure(
             lambda t: None if t is None else _slice_rows(t, start, size),
             batch)
-        return estimator.statistics(
+        sums, count = estimator.statistics(
             primitives.chunk_context(part, seed, (start, share)))
+        missing[:] = [s is None for s in sums]
+        return sums, ops.cast(count, "float32")
 
-    if isinstance(chunks, int) and chunks == 1:
+    def one_pass():
         sums, count = statistics(0, share)
-        return list(sums), ops.cast(count, "float32")
+        return [ops.cast(s, "float32") for s in sums if s is not None], count
 
     def chunks_of(first, size):
         """A loop body over chunks of `size` rows from row `first`."""
         def body(k, carry):
             sums, count = carry
             chunk_sums, chunk_count = statistics(first + k * size, size)
-            missing[:] = [c is None for c in chunk_sums]
             sums = [s if c is None else s + ops.cast(c, "float32")
                     for s, c in zip(sums, chunk_sums)]
-            return sums, count + ops.cast(chunk_count, "float32")
+            return sums, count + chunk_count
         return body
 
-    zeros = [primitives.zeros(v.shape, seed) for v in primitives.variables]
-    carry = (zeros, ops.convert_to_tensor(0.0, "float32"))
-    if not isinstance(share, int):
-        chunks = ops.minimum(chunks, share)  # at least one row each
-    size, longer = share // chunks, share % chunks
-    carry = primitives.loop(chunks - longer, chunks_of(0, size), carry)
-    if not isinstance(longer, int):
-        carry = primitives.loop(
-            longer, chunks_of((chunks - longer) * size, size + 1), carry)
-    sums, count = carry
-    return [None if m else s for m, s in zip(missing, sums)], count
+    def looped():
+        zeros = [primitives.zeros(v.shape, seed)
+                 for v in primitives.variables]
+        carry = (zeros, ops.convert_to_tensor(0.0, "float32"))
+        n = chunks if isinstance(share, int) else ops.minimum(chunks, share)
+        size, longer = share // n, share % n
+        carry = primitives.loop(n - longer, chunks_of(0, size), carry)
+        if not isinstance(longer, int):
+            # At most the share: XLA compiles this loop's slice even when
+            # it runs no chunk (`longer` 0), and refuses rows the batch
+            # lacks.
+            carry = primitives.loop(
+                longer, chunks_of((n - longer) * size,
+                                  ops.minimum(size + 1, share)), carry)
+        sums, count = carry
+        return [s for m, s in zip(missing, sums) if not m], count
+
+    if isinstance(chunks, int) and chunks == 1:
+        present, count = one_pass()
+    elif isinstance(share, int):
+        present, count = looped()
+    else:
+        # Chosen at run time: one chunk (where parameters dominate) must
+        # not pay for the loop's parameter-sized sum either.
+        present, count = primitives.cond(ops.equal(chunks, 1), one_pass,
+                                         looped)
+    present = iter(present)
+    return [None if m else next(present) for m in missing], count
 
 
 def hessian_share(sophia, x):

@@ -80,6 +80,16 @@ def test_quick_mode_writes_every_figure(tmp_path):
     # 0.1 GB, is four times the largest swing of a graph-mode peak seen
     # between two runs of one variant (0.025 GB, in CI).
     assert second["adamw"]["device"] > adamw["device"]
+    # Where parameters dominate, and `fit` on arrays: every variant, each
+    # over AdamW's at its size.
+    for label in ("graph_parameters", "graph_arrays"):
+        runs = result["memory_bytes"][label]
+        assert set(runs) == set(benchmark.MEMORY_RUNS)
+        assert all(0 < run["device"] < run["process"]
+                   for run in runs.values())
+        assert result["peak_memory_ratio_vs_adamw"][
+            f"sophia_h_half_batch_{label}"] == (
+            runs["sophia_h_half_batch"]["device"] / runs["adamw"]["device"])
     # A Hessian-vector product costs more than the gradient alone.
     for way, ratio in result["hvp_time_in_gradients"].items():
         assert ratio > 1.0, way
@@ -101,4 +111,5 @@ def test_an_unknown_part_exits_2_with_one_line(parts, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--parts" in error and (
-        "apply, step, memory, hvp, memory_second_size, jax") in error
+        "apply, step, memory, hvp, memory_second_size, memory_parameters, "
+        "memory_arrays, jax") in error

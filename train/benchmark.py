@@ -76,7 +76,17 @@ MODES = {
              "second_size": {"memory_steps": 3, "memory_repeats": 2,
                              "memory_flags": [
                  "--model", "30m", "--batch-size", "4",
-                 "--block-size", "1024"]}},
+                 "--block-size", "1024"]},
+             # Where parameters take most memory: GPT-2 small at one
+             # sequence of 128 tokens per step (its logits are 5% of its
+             # parameters' bytes).
+             "parameter_size": {"memory_steps": 2, "memory_repeats": 2,
+                                "memory_flags": [
+                 "--model", "125m", "--batch-size", "1",
+                 "--block-size", "128"]},
+             # `fit` on arrays, at the first size.
+             "arrays": {"memory_repeats": 3, "memory_flags": [
+                 "--batch-size", "16", "--block-size", "64"]}},
     # Every model traced costs ~30 s here, so few of them.
     "quick": {"apply_model": "tiny", "apply_repeats": 5, "batch_size": 2,
               "block_size": 16, "cycles": 2, "warmup_cycles": 1,
@@ -89,7 +99,15 @@ MODES = {
               "second_size": {"memory_steps": 2, "memory_repeats": 1,
                               "memory_flags": [
                   "--model", "tiny", "--batch-size", "8",
-                  "--block-size", "64"]}},
+                  "--block-size", "64"]},
+              # The tiny GPT-2's logits at 1 x 16 tokens are an eighth of
+              # its parameters' bytes.
+              "parameter_size": {"memory_steps": 2, "memory_repeats": 1,
+                                 "memory_flags": [
+                  "--model", "tiny", "--batch-size", "1",
+                  "--block-size", "16"]},
+              "arrays": {"memory_repeats": 1, "memory_flags": [
+                  "--batch-size", "2", "--block-size", "16"]}},
 }
 INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
 # Share of the batch the Hessian is estimated on: all of it, the paper's
@@ -458,9 +476,10 @@ with open(out, "w") as f:
 """
 
 
-def peak_memory(settings, jit):
+def peak_memory(settings, jit, arrays=False):
     """Resident memory (see PEAK_RSS_CHILD) of a short `train.pretrain`
-    run per optimizer variant, each in a fresh process.
+    run per optimizer variant, each in a fresh process; with `arrays`, of
+    `fit` on NumPy arrays instead (`train.fit_memory`).
 
     Without XLA the graph executor runs independent ops at once in an
     order that changes from run to run, and so does its peak (measured on
@@ -472,25 +491,29 @@ def peak_memory(settings, jit):
     peaks = {name: [] for name in MEMORY_RUNS}
     for _ in range(repeats):
         for name, flags in MEMORY_RUNS.items():
-            peaks[name].append(_run_peak(settings, jit, flags))
+            peaks[name].append(_run_peak(settings, jit, flags, arrays))
     return {name: {"device": max(run["device"] for run in runs),
                    "process": max(run["process"] for run in runs),
                    "runs": runs}
             for name, runs in peaks.items()}
 
 
-def _run_peak(settings, jit, flags):
-    """The peaks of one `train.pretrain` run with `flags`, in a child."""
-    steps = settings["memory_steps"]
+def _run_peak(settings, jit, flags, arrays=False):
+    """The peaks of one `train.pretrain` run with `flags` (or of
+    `train.fit_memory`), in a child."""
     with tempfile.TemporaryDirectory() as out:
         peak_file = os.path.join(out, "peak")
-        command = [
-            sys.executable, "-c", PEAK_RSS_CHILD, peak_file,
-            "--steps", str(steps), "--eval-interval", str(steps),
-            "--eval-steps", "2", "--warmup", "1",
-            "--out", os.path.join(out, "run"),
-            *flags, *settings["memory_flags"],
-        ] + (["--jit"] if jit else [])
+        if arrays:
+            command = [sys.executable, "-m", "train.fit_memory", peak_file]
+        else:
+            steps = settings["memory_steps"]
+            command = [
+                sys.executable, "-c", PEAK_RSS_CHILD, peak_file,
+                "--steps", str(steps), "--eval-interval", str(steps),
+                "--eval-steps", "2", "--warmup", "1",
+                "--out", os.path.join(out, "run")]
+        command += [*flags, *settings["memory_flags"]] + (
+            ["--jit"] if jit else [])
         child = subprocess.run(command, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
         if child.returncode != 0:
@@ -567,9 +590,9 @@ optimizers = {
                                   hessian_batch_fraction=0.5),
 }
 
-def build(name):
+def build(name, size="tiny", block=block):
     keras.utils.set_random_seed(0)
-    model = gpt2.build("tiny", block_size=block)
+    model = gpt2.build(size, block_size=block)
     if name == "keras_step_sophia":
         # Keras's own train step, without SophiaTrainStep: h is never
         # refreshed (Sophia warns), so every step is Sophia's update alone.
@@ -602,18 +625,33 @@ for cycle in range(settings["warmup_cycles"] + settings["cycles"]):
 # buffer of the step is one XLA assigns, as on a GPU.
 options = ({"xla_cpu_experimental_ynn_fusion_type": ""}
            if jax.default_backend() == "cpu" else None)
-memory = {}
-for name in settings["memory_runs"]:
-    model = models[name] if name in models else build(name)
-    model.train_on_batch(*batches[0])
+
+def analyse(model, batch):
+    model.train_on_batch(*batch)
     state = tuple([v.value for v in variables] for variables in (
         model.trainable_variables, model.non_trainable_variables,
         model.optimizer.variables, model.metrics_variables))
-    data = jax.tree.map(jax.device_put, (*batches[0], None))
+    data = jax.tree.map(jax.device_put, (*batch, None))
     analysis = jax.jit(model.train_step, donate_argnums=0).lower(
         state, data).compile(compiler_options=options).memory_analysis()
-    memory[name] = {field: getattr(analysis, field)
-                    for field in settings["memory_fields"]}
+    return {field: getattr(analysis, field)
+            for field in settings["memory_fields"]}
+
+memory = {}
+for name in settings["memory_runs"]:
+    model = models[name] if name in models else build(name)
+    memory[name] = analyse(model, batches[0])
+# Where parameters dominate: the same runs at `parameter_size`, under
+# names ending in `_parameters`.
+size = settings["parameter_size"]
+if size:
+    t = rng.integers(0, gpt2.VOCAB_SIZE,
+                     size=(size["batch"], size["block"] + 1))
+    big = ({"token_ids": t[:, :-1], "padding_mask": np.ones_like(t[:, :-1])},
+           t[:, 1:])
+    for name in settings["memory_runs"]:
+        memory[f"{name}_parameters"] = analyse(
+            build(name, size["model"], size["block"]), big)
 with open(out, "w") as f:
     json.dump({"times": times, "memory": memory}, f)
 """
@@ -632,7 +670,8 @@ def jax_train_step(settings):
         "block": settings["block_size"], "cycles": settings["cycles"],
         "warmup_cycles": settings["warmup_cycles"],
         "memory_runs": list(MEMORY_RUNS),
-        "memory_fields": list(JAX_MEMORY_FIELDS)}
+        "memory_fields": list(JAX_MEMORY_FIELDS),
+        "parameter_size": _size(settings["parameter_size"])}
     with tempfile.TemporaryDirectory() as out:
         out_file = os.path.join(out, "step")
         command = [sys.executable, "-c", JAX_STEP_CHILD, out_file,
@@ -648,6 +687,26 @@ def jax_train_step(settings):
     times = {name: cycle_times(seconds)
              for name, seconds in measured["times"].items()}
     return times, measured["memory"]
+
+
+def jax_cell(name):
+    """The cell of a JAX memory run: `sophia_g_jax`, or
+    `sophia_g_jax_parameters` where parameters dominate."""
+    base, found, _ = name.partition("_parameters")
+    return f"{base}_jax" + found
+
+
+def jax_adamw(name):
+    """The AdamW run a JAX memory run is compared with (same size)."""
+    return "adamw_parameters" if name.endswith("_parameters") else "adamw"
+
+
+def _size(size):
+    """{"model", "batch", "block"} of a size's `train.pretrain` flags."""
+    flags = size["memory_flags"]
+    return {"model": flags[flags.index("--model") + 1],
+            "batch": int(flags[flags.index("--batch-size") + 1]),
+            "block": int(flags[flags.index("--block-size") + 1])}
 
 
 def jax_peak_bytes(analysis):
@@ -675,7 +734,8 @@ def jax_peak_bytes(analysis):
             + analysis["temp_size_in_bytes"])
 
 
-PARTS = ("apply", "step", "memory", "hvp", "memory_second_size", "jax")
+PARTS = ("apply", "step", "memory", "hvp", "memory_second_size",
+         "memory_parameters", "memory_arrays", "jax")
 # Every part but `jax`, which needs the optional `jax` extra.
 DEFAULT_PARTS = PARTS[:-1]
 
@@ -733,17 +793,32 @@ def run(mode, parts=DEFAULT_PARTS):
             memory[label] = peak_memory(second, jit)
             print(f"peak memory ({label}): {memory[label]}", flush=True)
         add_memory(result, memory)
+    # Where parameters dominate (cells `sophia_g_xla_parameters`), and
+    # `fit` on arrays at the first size (`sophia_g_xla_arrays`).
+    for part, key, arrays, cell in (
+            ("memory_parameters", "parameter_size", False, "parameters"),
+            ("memory_arrays", "arrays", True, "arrays")):
+        if part not in parts:
+            continue
+        memory = {}
+        for jit in settings["jit_compile"]:
+            label = f"{LABELS[jit]}_{cell}"
+            memory[label] = peak_memory(settings[key], jit, arrays)
+            print(f"peak memory ({label}): {memory[label]}", flush=True)
+        add_memory(result, memory)
     if "jax" in parts:
         seconds["jax_train_step"], analyses = jax_train_step(settings)
         print(f"train step (JAX): {seconds['jax_train_step']}", flush=True)
         print(f"memory analysis (JAX): {analyses}", flush=True)
-        peaks = {f"{name}_jax": jax_peak_bytes(analysis)
+        peaks = {jax_cell(name): jax_peak_bytes(analysis)
                  for name, analysis in analyses.items()}
         result["peak_memory_bytes"] = peaks
-        # Beside the TensorFlow runs' ratios, if `memory` ran too.
+        # Beside the TensorFlow runs' ratios, if `memory` ran too; each
+        # over AdamW's at its size.
         result.setdefault("peak_memory_ratio_vs_adamw", {}).update({
-            cell: peak / peaks["adamw_jax"] for cell, peak in peaks.items()
-            if cell != "adamw_jax"})
+            cell: peak / peaks[jax_cell(jax_adamw(name))]
+            for name, cell, peak in zip(analyses, peaks, peaks.values())
+            if cell != jax_cell(jax_adamw(name))})
         result["jax_memory_analysis"] = analyses
         times = seconds["jax_train_step"]
         result["jax_step_time_ratio_vs_adamw"] = {
@@ -934,12 +1009,19 @@ def memory_table(result):
             for run in runs.values()]
         rows += [f"| {name} | {label} | {cell} |"
                  for name, cell in zip(runs, cells)]
-    second = settings.get("second_size", {})
-    return "\n".join(rows) + (
-        f"\n\nRuns of {settings['memory_steps']} steps with the flags "
-        f"{' '.join(settings['memory_flags']) or '(defaults)'}; the second "
-        f"size's of {second.get('memory_steps')} steps with "
-        f"{' '.join(second.get('memory_flags', []))}.")
+    sizes = [f"{settings['memory_steps']} steps with "
+             f"{' '.join(settings['memory_flags']) or '(defaults)'}"]
+    for key, label in (("second_size", "the second size (`_30m`, `_tiny`)"),
+                       ("parameter_size", "`_parameters`")):
+        if key in settings:
+            size = settings[key]
+            sizes.append(f"{label} {size['memory_steps']} steps with "
+                         f"{' '.join(size['memory_flags'])}")
+    if "arrays" in settings:
+        sizes.append("`_arrays`: `fit` on arrays of 2.5 batches of "
+                     f"{' '.join(settings['arrays']['memory_flags'])} "
+                     "(`train.fit_memory`)")
+    return "\n".join(rows) + "\n\nRuns of " + "; ".join(sizes) + "."
 
 
 def jax_memory_table(result):
@@ -952,13 +1034,14 @@ def jax_memory_table(result):
     ]
     peaks = result["peak_memory_bytes"]
     for name, analysis in result["jax_memory_analysis"].items():
-        peak = peaks[f"{name}_jax"]
+        peak = peaks[jax_cell(name)]
+        adamw = peaks[jax_cell(jax_adamw(name))]
         written = (analysis["output_size_in_bytes"]
                    - analysis["alias_size_in_bytes"])
         rows.append(
             f"| {name} | {analysis['argument_size_in_bytes'] / 1e9:.3f} | "
             f"{written / 1e9:.3f} | {analysis['temp_size_in_bytes'] / 1e9:.3f}"
-            f" | {peak / 1e9:.3f} ({peak / peaks['adamw_jax']:.2f}) |")
+            f" | {peak / 1e9:.3f} ({peak / adamw:.2f}) |")
     return "\n".join(rows)
 
 
