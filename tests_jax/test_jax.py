@@ -168,15 +168,20 @@ def test_the_benchmark_times_and_sizes_sophia_against_adamw_on_jax(
                   "jax_ordinary_step_ratio_vs_keras_step"):
         assert set(result[field]) == {"sophia_g", "sophia_h"}
     # The peak device bytes of each compiled step (XLA's buffers), over
-    # AdamW's for Sophia-G and Sophia-H on the whole and half the batch.
+    # AdamW's for Sophia-G and Sophia-H on the whole and half the batch,
+    # at the first size and where parameters dominate, each over AdamW's
+    # at its own size.
     peaks = result["peak_memory_bytes"]
-    assert peaks["adamw_jax"] > 0
+    assert peaks["adamw_jax"] > 0 and peaks["adamw_jax_parameters"] > 0
     ratios = result["peak_memory_ratio_vs_adamw"]
-    assert set(ratios) == {"sophia_g_jax", "sophia_g_half_batch_jax",
-                           "sophia_h_jax", "sophia_h_half_batch_jax"}
+    variants = ("sophia_g", "sophia_g_half_batch", "sophia_h",
+                "sophia_h_half_batch")
+    assert set(ratios) == {f"{v}_jax{size}" for v in variants
+                           for size in ("", "_parameters")}
     for cell, ratio in ratios.items():
         assert np.isfinite(ratio) and ratio > 0
-        assert ratio == pytest.approx(peaks[cell] / peaks["adamw_jax"])
+        adamw = "adamw_jax" + ("_parameters" if "parameters" in cell else "")
+        assert ratio == pytest.approx(peaks[cell] / peaks[adamw])
     table = (tmp_path / "bench.md").read_text()
     assert "Keras on JAX" in table
     assert "peak device memory, sophia_h_half_batch_jax" in table

@@ -85,7 +85,7 @@ MODES = {
                  "--model", "125m", "--batch-size", "1",
                  "--block-size", "128"]},
              # `fit` on arrays, at the first size.
-             "arrays": {"memory_repeats": 3, "memory_flags": [
+             "arrays": {"memory_repeats": 2, "memory_flags": [
                  "--batch-size", "16", "--block-size", "64"]}},
     # Every model traced costs ~30 s here, so few of them.
     "quick": {"apply_model": "tiny", "apply_repeats": 5, "batch_size": 2,
