@@ -80,12 +80,12 @@ MODES = {
              # Where parameters take most memory: GPT-2 small at one
              # sequence of 128 tokens per step (its logits are 5% of its
              # parameters' bytes).
-             "parameter_size": {"memory_steps": 2, "memory_repeats": 2,
+             "parameter_size": {"memory_steps": 2, "memory_repeats": 1,
                                 "memory_flags": [
                  "--model", "125m", "--batch-size", "1",
                  "--block-size", "128"]},
              # `fit` on arrays, at the first size.
-             "arrays": {"memory_repeats": 2, "memory_flags": [
+             "arrays": {"memory_repeats": 1, "memory_flags": [
                  "--batch-size", "16", "--block-size", "64"]}},
     # Every model traced costs ~30 s here, so few of them.
     "quick": {"apply_model": "tiny", "apply_repeats": 5, "batch_size": 2,
