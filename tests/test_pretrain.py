@@ -283,7 +283,10 @@ def test_validation_loss_is_the_mean_loss_of_the_validation_batches(
     _, val_ids = data.load_tokens("austen", cache, val_fraction=0.05)
     batches = data.make_dataset(val_ids, 32, 4).take(2).as_numpy_iterator()
     model = gpt2.build("tiny", block_size=32)
-    model.load_weights(out / "final.weights.h5")
+    # The file holds Sophia's state too; this model's optimizer is
+    # keras-hub's default, so Keras loads the weights alone, and says so.
+    with pytest.warns(UserWarning, match="Skipping variable loading"):
+        model.load_weights(out / "final.weights.h5")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     by_hand = np.mean([float(loss(y, model(x))) for x, y in batches])
     logged = [json.loads(x) for x in open(out / "metrics.jsonl")]

@@ -7,11 +7,14 @@ counters, the comparison's runs), so each `main` first calls
 
 Every `python -m train.X` imports this package first, so TensorFlow is
 first imported here, by `import_tensorflow`: on a machine without an
-NVIDIA driver, without the lines of its search for a GPU.
+NVIDIA driver, without the lines of its search for a GPU; on Keras's
+torch backend after torch and triton (`import_torch_first`).
 """
 
 import contextlib
 import ctypes
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +96,37 @@ def import_tensorflow():
         tf.config.list_physical_devices()
 
 
+def keras_backend():
+    """The backend Keras will load, found as Keras finds it
+    (`KERAS_BACKEND`, else `keras.json` in `KERAS_HOME` or `~/.keras`,
+    else TensorFlow), without importing Keras, which would import it."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME",
+                          os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def import_torch_first():
+    """On Keras's torch backend, imports torch, and triton where torch's
+    build brings it (CUDA wheels do), before TensorFlow: triton's C
+    extension crashes the process (SIGSEGV; triton 3.8.0 after
+    TensorFlow 2.21) when it is loaded after TensorFlow's libraries, and
+    torch loads it when it compiles or looks for a GPU. Loaded first,
+    both work in one process (tests_torch/test_import_order.py)."""
+    if keras_backend() != "torch":
+        return
+    import torch  # noqa: F401
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+
+import_torch_first()
 import_tensorflow()
 
 import keras  # noqa: E402

@@ -21,8 +21,10 @@ def track_global_clipping(optimizer, clipnorm):
         0.0, trainable=False, name="grad_norm",
         aggregation="only_first_replica",
     )
+    # "int" like Keras's `iterations`: int64 on TensorFlow, int32 on JAX,
+    # which without x64 would truncate an int64 request, with a warning.
     optimizer.clip_count = keras.Variable(
-        0, dtype="int64", trainable=False, name="clip_count",
+        0, dtype="int", trainable=False, name="clip_count",
         aggregation="only_first_replica",
     )
 
@@ -31,7 +33,8 @@ def track_global_clipping(optimizer, clipnorm):
         norm = ops.sqrt(ops.sum(ops.stack(squares)))
         clipped = norm > clipnorm
         optimizer.grad_norm.assign(norm)
-        optimizer.clip_count.assign_add(ops.cast(clipped, "int64"))
+        optimizer.clip_count.assign_add(
+            ops.cast(clipped, optimizer.clip_count.dtype))
         # Same rule as Keras's clip_by_global_norm: scale by c / max(n, c).
         scale = clipnorm / ops.maximum(norm, clipnorm)
         return [None if g is None else g * ops.cast(scale, g.dtype)
