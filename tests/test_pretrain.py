@@ -50,10 +50,16 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-def test_run_writes_everything_and_loss_falls(tmp_path, cache):
+def test_run_writes_everything_and_loss_falls(tmp_path, cache, capsys):
     out = tmp_path / "run"
     val_loss = pretrain.main(TINY + ["--out", str(out), "--cache-dir", cache])
     assert np.isfinite(val_loss)
+    # Not a terminal (captured): one plain line per eval interval, no
+    # progress bar redrawn with carriage returns and colour codes.
+    shown = [x for x in capsys.readouterr().out.splitlines()
+             if "win_rate" in x]
+    assert len(shown) == 2 and all(" - val_loss: " in x for x in shown)
+    assert not any("\r" in x or "\x1b" in x for x in shown)
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"] == "sophia-g" and config["steps"] == 24
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]

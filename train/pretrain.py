@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 
 import keras
@@ -687,6 +688,9 @@ def main(argv=None):
         validation_steps=eval_steps,
         shuffle=False,
         callbacks=callbacks,
+        # Into a file or a pipe: one line per eval interval, not a bar
+        # redrawn with carriage returns and colour codes.
+        verbose=1 if sys.stdout.isatty() else 2,
     )
     val_loss = model.evaluate(val_data, steps=eval_steps, verbose=0)
     if chief:
