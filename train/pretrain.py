@@ -444,6 +444,7 @@ class ProgressBar(keras.callbacks.ProgbarLogger):
     def __init__(self, steps, interval):
         super().__init__()
         self.steps, self.interval = steps, interval
+        self.lr = None
 
     def on_epoch_begin(self, epoch, logs=None):
         # The bar's length: the interval, or what StopAt leaves of it.
@@ -452,9 +453,14 @@ class ProgressBar(keras.callbacks.ProgbarLogger):
         super().on_epoch_begin(epoch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
+        self.lr = (logs or {}).get("lr", self.lr)
         super().on_train_batch_end(batch, self._shown(logs))
 
     def on_epoch_end(self, epoch, logs=None):
+        # The epoch's logs lack the lr MetricsLog adds to each batch's; the
+        # line printed when the output is not a terminal shows the last.
+        if self.lr is not None:
+            logs = {"lr": self.lr, **(logs or {})}
         super().on_epoch_end(epoch, self._shown(logs))
 
     def _shown(self, logs):
