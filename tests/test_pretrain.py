@@ -243,7 +243,9 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path, cache):
     # Two CPU devices must exist before the backend starts: a subprocess.
     # TensorFlow: two logical CPUs; JAX: two host devices (DataParallel);
     # torch, where Keras offers no distribution: refused in one line.
+    # `train` first: on torch it loads triton before TensorFlow.
     script = (
+        "import train\n"
         "import tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(\n"
