@@ -115,9 +115,9 @@ def import_torch_first():
     """On Keras's torch backend, imports torch, and triton where torch's
     build brings it (CUDA wheels do), before TensorFlow: triton's C
     extension crashes the process (SIGSEGV; triton 3.8.0 after
-    TensorFlow 2.21) when it is loaded after TensorFlow's libraries, and
-    torch loads it when it compiles or looks for a GPU. Loaded first,
-    both work in one process (tests_torch/test_import_order.py)."""
+    TensorFlow 2.21) when it is loaded after TensorFlow's libraries, even
+    with torch loaded first. Loaded first, both work in one process
+    (tests_torch/test_import_order.py)."""
     if keras_backend() != "torch":
         return
     import torch  # noqa: F401
