@@ -11,27 +11,6 @@ import pytest
 from train import benchmark
 
 
-def test_the_floors_price_a_refresh_by_its_extra_passes():
-    # Forward 1, backward 2. In chunks the estimator has a forward pass of
-    # its own over the Hessian's share f: GNB adds it and a backward pass
-    # (1 + f), Hutchinson it, a backward pass and a product of about two
-    # gradients (1 + 3f).
-    assert benchmark.floor("g", 1.0) == pytest.approx(2.0)
-    assert benchmark.floor("g", 0.5) == pytest.approx(1.5)
-    assert benchmark.floor("h", 0.5) == pytest.approx(2.5)
-    assert benchmark.cycle_floor("h", 1.0) == pytest.approx(1.3)
-    # Sharing the training pass: GNB adds a backward pass over f (1 +
-    # 2f/3), Hutchinson the product (1 + 2f); at k = 10 the 1.067
-    # and 1.033 for GNB.
-    assert benchmark.floor("g", 1.0, shared=True) == pytest.approx(5 / 3)
-    assert benchmark.floor("h", 0.5, shared=True) == pytest.approx(2.0)
-    assert benchmark.cycle_floor("g", 1.0, shared=True) == pytest.approx(
-        1.0667, abs=1e-4)
-    assert benchmark.cycle_floor("g", 0.5, shared=True) == pytest.approx(
-        1.0333, abs=1e-4)
-    assert benchmark.cycle_floor("h", 1.0, shared=True) == pytest.approx(1.2)
-
-
 def test_sophia_keeps_as_much_state_as_adamw_and_twice_lion():
     # Sophia: m and h; AdamW: m and v; Lion: m. One float32 each per weight.
     assert benchmark.state_bytes() == {"sophia": 2.0, "adamw": 2.0,

@@ -145,6 +145,18 @@ def test_text_directory_source(tmp_path):
     assert val.size == round(len(expected) * 0.25)
 
 
+def test_progress_in_a_file_is_plain_lines(tmp_path, capfd):
+    # Under pytest stderr is not a terminal, as in a log file: no tqdm bar
+    # (carriage returns), one plain line at the end of each split.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A few words of text.", encoding="utf-8")
+    data.load_tokens(f"text:{corpus}", tmp_path / "cache")
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    assert [line for line in err.splitlines()
+            if line.startswith("Tokenizing")] == ["Tokenizing: 1/1 doc [00:00<00:00]"]
+
+
 def test_empty_and_bad_sources(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -1,7 +1,9 @@
-"""train/__init__.py: TensorFlow imported without its GPU search's lines
-where there is no NVIDIA driver, and nothing else hidden."""
+"""train/__init__.py: TensorFlow imported with its start-up lines once,
+without its GPU search's lines where there is no NVIDIA driver, and
+nothing else hidden."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,3 +66,33 @@ def test_a_log_level_set_by_the_user_turns_the_filter_off(monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     monkeypatch.setattr(train, "stderr_without", filter_used)
     train.import_tensorflow()
+
+
+def test_the_filter_shows_a_start_up_line_once_and_other_repeats_always():
+    # Two copies of a logged line differ in absl's time and thread; a
+    # line of a traceback may repeat and must stay.
+    done = run_python(
+        "import os, train\n"
+        "with train.stderr_without(train.NOTHING, train.START_UP):\n"
+        "    os.write(2, b'I0000 00:00:17.1   41 fake.cc:1] twice\\n')\n"
+        "    os.write(2, b'    ^^^^\\n')\n"
+        "    os.write(2, b'I0000 00:00:19.7   41 fake.cc:1] twice\\n')\n"
+        "    os.write(2, b'    ^^^^\\n')\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("fake.cc:1] twice") == 1
+    assert done.stderr.count("    ^^^^") == 2
+
+
+def test_import_train_shows_tensorflows_start_up_lines_once():
+    def start_up(stderr):
+        return [re.sub(r"^[IWEF]\d{4} [\d:.]+ +\d+ ", "", line)
+                for line in stderr.splitlines()
+                if re.search(train.START_UP, line)
+                and not (train.no_nvidia_driver()
+                         and re.search(train.CUDA_PROBE, line))]
+
+    plain = start_up(run_python("import tensorflow").stderr)
+    shown = start_up(run_python("import train").stderr)
+    # TensorFlow 2.21 alone prints its oneDNN and CPU-feature lines twice.
+    assert len(shown) == len(set(shown)) == len(set(plain))
+    assert set(shown) == set(plain)

@@ -1,14 +1,15 @@
 """The GPT-2 training programs: data, pretraining, benchmark, comparison.
 
-`train.pretrain` runs on Keras's TensorFlow and JAX backends. The others
+`train.pretrain` runs on Keras's TensorFlow, JAX and torch backends. The others
 are TensorFlow programs throughout (tf.distribute, TensorFlow's memory
 counters, the comparison's runs), so each `main` first calls
 `require_tensorflow`.
 
 Every `python -m train.X` imports this package first, so TensorFlow is
-first imported here, by `import_tensorflow`: on a machine without an
-NVIDIA driver, without the lines of its search for a GPU; on Keras's
-torch backend after torch and triton (`import_torch_first`).
+first imported here, by `import_tensorflow`: its start-up lines once
+and, on a machine without an NVIDIA driver, without the lines of its
+search for a GPU; on Keras's torch backend after torch and triton
+(`import_torch_first`).
 """
 
 import contextlib
@@ -27,15 +28,34 @@ CUDA_PROBE = (r"Could not find cuda drivers on your machine"
               r"|Unable to register cu[A-Za-z]+ factory"
               r"|failed call to cuInit")
 
+# A pattern no line matches.
+NOTHING = r"(?!)"
+
+# What TensorFlow 2.21's wheel prints twice at import (two of its
+# libraries each set up logging): absl's notice, the oneDNN and
+# CPU-feature lines. Shown once.
+START_UP = (r"^WARNING: All log messages before absl::InitializeLog"
+            r"|^To enable the following instructions"
+            r"|^[IWEF]\d{4} ")
+
 # Copies its stdin to its stdout line by line, but for lines matching
-# argv[1].
+# argv[1] and for a second copy of a line matching argv[2] (compared
+# without the time and thread absl writes first).
 _FILTER = """
 import re, sys
-pattern = re.compile(sys.argv[1].encode())
+drop, once = (re.compile(pattern.encode()) for pattern in sys.argv[1:3])
+prefix = re.compile(rb"^[IWEF]\\d{4} [\\d:.]+ +\\d+ ")
+seen = set()
 for line in sys.stdin.buffer:
-    if not pattern.search(line):
-        sys.stdout.buffer.write(line)
-        sys.stdout.buffer.flush()
+    if drop.search(line):
+        continue
+    if once.search(line):
+        key = prefix.sub(b"", line)
+        if key in seen:
+            continue
+        seen.add(key)
+    sys.stdout.buffer.write(line)
+    sys.stdout.buffer.flush()
 """
 
 
@@ -52,10 +72,11 @@ def no_nvidia_driver():
 
 
 @contextlib.contextmanager
-def stderr_without(pattern):
+def stderr_without(drop, once=NOTHING):
     """Runs the block with file descriptor 2 (where TensorFlow's C++ code
     writes, below Python's `sys.stderr`) passed through a child process
-    that leaves out the lines matching the regular expression `pattern`.
+    that leaves out the lines matching the regular expression `drop`, and
+    repeats of lines matching `once`.
 
     A child process, not a thread: while TensorFlow's libraries load, this
     process holds the GIL, and if a fatal error ends it there, the child
@@ -67,7 +88,7 @@ def stderr_without(pattern):
         yield
         return
     child = subprocess.Popen(
-        [sys.executable, "-I", "-c", _FILTER, pattern],
+        [sys.executable, "-I", "-c", _FILTER, drop, once],
         stdin=subprocess.PIPE, stdout=stderr, stderr=stderr)
     os.dup2(child.stdin.fileno(), 2)
     try:
@@ -82,15 +103,17 @@ def stderr_without(pattern):
 
 def import_tensorflow():
     """Imports TensorFlow and lists its devices (the GPU search happens on
-    the first listing) without the `CUDA_PROBE` lines, when there is no
-    NVIDIA driver. Only those: TensorFlow's other messages at every level,
-    Python's warnings and tracebacks and a crash's last output still show.
-    With a GPU driver the lines are kept (there, cuInit failing is news).
-    If TF_CPP_MIN_LOG_LEVEL is set, the user has chosen what TensorFlow
+    the first listing) with its `START_UP` lines once and, where there is
+    no NVIDIA driver, without the `CUDA_PROBE` lines. Only those:
+    TensorFlow's other messages at every level, Python's warnings and
+    tracebacks and a crash's last output still show. With a GPU driver the
+    probe's lines are kept (there, cuInit failing is news). If
+    TF_CPP_MIN_LOG_LEVEL is set, the user has chosen what TensorFlow
     shows, and it is left alone."""
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or not no_nvidia_driver():
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return
-    with stderr_without(CUDA_PROBE):
+    with stderr_without(CUDA_PROBE if no_nvidia_driver() else NOTHING,
+                        START_UP):
         import tensorflow as tf
 
         tf.config.list_physical_devices()

@@ -20,7 +20,7 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   `step_time_ratio_range_sophia_{g,h}_vs_adamw`: the smallest and largest
   ratio of one cycle to AdamW's cycle of the same round, for the noise.
 * `step_time_floor_sophia_{g,h}`: the same ratio if a refresh cost only
-  its extra FLOPs (see `floor`), next to which the measured one is read.
+  its extra FLOPs (see `benchmark_report.floor`), next to which the measured one is read.
 * `peak_memory_ratio_vs_adamw`: the peak bytes the device (TensorFlow's
   CPU allocator) held during a short `train.pretrain` run of each Sophia
   variant over AdamW's, each in a fresh process (see PEAK_RSS_CHILD);
@@ -61,6 +61,9 @@ import tensorflow as tf
 import keras_sophia
 from models import gpt2
 from train import require_tensorflow
+from train.benchmark_report import (FRACTIONS, INTERVAL, LABELS,
+                                    cycle_floor, jax_adamw, jax_cell,
+                                    markdown, size_of)
 
 # Default mode: GPT-2 small's variables for the update; the tiny GPT-2
 # (2 layers, width 128, GPT-2's vocabulary) at batch 16 x 64 tokens, the
@@ -109,11 +112,6 @@ MODES = {
               "arrays": {"memory_repeats": 1, "memory_flags": [
                   "--batch-size", "2", "--block-size", "16"]}},
 }
-INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
-# Share of the batch the Hessian is estimated on: all of it, the paper's
-# half (240 of 480), and a quarter; and how results name them.
-FRACTIONS = {1.0: "", 0.5: "_half_batch", 0.25: "_quarter_batch"}
-LABELS = {False: "graph", True: "xla"}
 # The runs whose peak memory is measured, as `train.pretrain` flags.
 MEMORY_RUNS = {
     "adamw": ["--optimizer", "adamw"],
@@ -124,41 +122,11 @@ MEMORY_RUNS = {
     "sophia_h_half_batch": ["--optimizer", "sophia-h",
                             "--hessian-batch-fraction", "0.5"],
 }
-# Targets of the XLA step ratios (the issue's, at k = 10), per estimator
-# and Hessian share; memory: within 10% of AdamW's in both modes.
-TARGETS = {("g", 1.0): 1.08, ("g", 0.5): 1.04,
-           ("h", 1.0): 1.20, ("h", 0.5): 1.10}
-MEMORY_TARGET = 1.10
 # Other processes using more than this share of the CPUs during the run
 # (or, where that is unknown, a 1-minute load average above this many
 # runnable threads per CPU at the start) mark the run busy.
 BUSY_SHARE = 0.05
 BUSY_LOAD_PER_CPU = 0.25
-
-
-def floor(estimator, fraction, shared=False):
-    """A refresh step's cost in AdamW steps if it paid only for its FLOPs.
-
-    A step is a forward pass (1) and a backward pass (2). In chunks (the
-    default, `hessian_chunks="auto"`, which every run here uses) the
-    estimator runs a forward pass of its own over the Hessian's share f
-    of the batch: GNB adds it and one backward pass through the
-    sampled-label loss, 1 + f; Hutchinson adds it, the backward pass its
-    product differentiates, and the Hessian-vector product, about two
-    gradient evaluations (Pearlmutter 1994): 1 + 3f. Sharing the training
-    pass (`shared`: one chunk, whole batch), GNB adds only its backward
-    pass, 1 + 2f/3, and Hutchinson only the product, 1 + 2f.
-    """
-    if estimator == "g":
-        extra = 2 * fraction / 3 if shared else fraction
-    else:
-        extra = 2 * fraction if shared else 3 * fraction
-    return 1 + extra
-
-
-def cycle_floor(estimator, fraction, shared=False):
-    """The floor of a whole k-step cycle, per step, over AdamW's."""
-    return 1 + (floor(estimator, fraction, shared) - 1) / INTERVAL
 
 
 def sophia(estimator="gnb", fraction=1.0):
@@ -671,7 +639,7 @@ def jax_train_step(settings):
         "warmup_cycles": settings["warmup_cycles"],
         "memory_runs": list(MEMORY_RUNS),
         "memory_fields": list(JAX_MEMORY_FIELDS),
-        "parameter_size": _size(settings["parameter_size"])}
+        "parameter_size": size_of(settings["parameter_size"])}
     with tempfile.TemporaryDirectory() as out:
         out_file = os.path.join(out, "step")
         command = [sys.executable, "-c", JAX_STEP_CHILD, out_file,
@@ -687,26 +655,6 @@ def jax_train_step(settings):
     times = {name: cycle_times(seconds)
              for name, seconds in measured["times"].items()}
     return times, measured["memory"]
-
-
-def jax_cell(name):
-    """The cell of a JAX memory run: `sophia_g_jax`, or
-    `sophia_g_jax_parameters` where parameters dominate."""
-    base, found, _ = name.partition("_parameters")
-    return f"{base}_jax" + found
-
-
-def jax_adamw(name):
-    """The AdamW run a JAX memory run is compared with (same size)."""
-    return "adamw_parameters" if name.endswith("_parameters") else "adamw"
-
-
-def _size(size):
-    """{"model", "batch", "block"} of a size's `train.pretrain` flags."""
-    flags = size["memory_flags"]
-    return {"model": flags[flags.index("--model") + 1],
-            "batch": int(flags[flags.index("--batch-size") + 1]),
-            "block": int(flags[flags.index("--block-size") + 1])}
 
 
 def jax_peak_bytes(analysis):
@@ -864,185 +812,6 @@ def step_ratios(settings, steps):
         result[f"step_time_ratio_sophia_{estimator}_vs_adamw"] = ratios
         result[f"step_time_ratio_range_sophia_{estimator}_vs_adamw"] = ranges
     return result
-
-
-def markdown(result):
-    """The result as markdown tables (ratios < 1: Sophia is cheaper)."""
-    settings = result["settings"]
-    busy = "BUSY machine: " if result["load"]["busy"] else ""
-    rows = [
-        f"{busy}{load_line(result['load'])}",
-        "",
-        ("| measure | Sophia / AdamW | one cycle's ratio, min-max | "
-         "FLOP floor | target |"),
-        "|---|---|---|---|---|",
-    ]
-    if "apply_time_ratio_vs_adamw" in result:
-        rows.append(
-            f"| apply, {settings['apply_parameters']:,} parameters (XLA) | "
-            f"{result['apply_time_ratio_vs_adamw']:.3f} | | | <= 0.85 |")
-    names = {"": "full", "_half_batch": "half", "_quarter_batch": "quarter"}
-    for label in map(LABELS.get, settings["jit_compile"]):
-        for estimator in ("g", "h"):
-            ratios = result.get(
-                f"step_time_ratio_sophia_{estimator}_vs_adamw", {})
-            ranges = result.get(
-                f"step_time_ratio_range_sophia_{estimator}_vs_adamw", {})
-            for fraction in settings["fractions"]:
-                suffix = FRACTIONS[fraction]
-                if label + suffix not in ratios:
-                    continue
-                target = TARGETS.get((estimator, fraction))
-                target = f"<= {target}" if target and label == "xla" else ""
-                low, high = ranges[label + suffix]
-                rows.append(
-                    f"| train step, Sophia-{estimator.upper()}, {label}, "
-                    f"Hessian on the {names[suffix]} batch | "
-                    f"{ratios[label + suffix]:.3f} | {low:.2f}-{high:.2f} | "
-                    f"{cycle_floor(estimator, fraction):.3f} | {target} |"
-                )
-    for name, ratio in result.get("jax_step_time_ratio_vs_adamw",
-                                  {}).items():
-        estimator = name[len("sophia_")]
-        rows.append(
-            f"| train step, Sophia-{estimator.upper()}, Keras on JAX (XLA), "
-            f"Hessian on the full batch | {ratio:.3f} | | "
-            f"{cycle_floor(estimator, 1.0):.3f} | |")
-    for name, ratio in result.get("jax_ordinary_step_ratio_vs_keras_step",
-                                  {}).items():
-        rows.append(
-            f"| ordinary step, Sophia-{name[len('sophia_')].upper()}, Keras "
-            f"on JAX, over Sophia through Keras's own step | {ratio:.3f} | "
-            "| 1.000 | |")
-    for key, ratio in result.get("peak_memory_ratio_vs_adamw", {}).items():
-        rows.append(f"| peak device memory, {key} | {ratio:.2f} | | | "
-                    f"<= {MEMORY_TARGET} |")
-    state = result["state_bytes_per_param_bytes"]
-    rows.append(
-        "| state bytes per parameter byte (Sophia, AdamW, Lion) | "
-        f"{state['sophia']:.2f}, {state['adamw']:.2f}, {state['lion']:.2f}"
-        " | | | Sophia = AdamW |"
-    )
-    sections = [rows]
-    if {"train_step", "jax_train_step"} & set(result["seconds"]):
-        sections.append([profile(result)])
-    if "memory_bytes" in result:
-        sections.append([memory_table(result)])
-    if "jax_memory_analysis" in result:
-        sections.append([jax_memory_table(result)])
-    if "hvp_time_in_gradients" in result:
-        sections.append([hvp_table(result)])
-    return "\n\n".join("\n".join(rows) for rows in sections) + "\n"
-
-
-def hvp_table(result):
-    """The two ways of making a Hessian-vector product, in gradients."""
-    seconds = result["seconds"]["hvp"]
-    peaks = result["hvp_peak_bytes"]
-    rows = [
-        "| XLA, tiny GPT-2 | ms | x the training gradient | peak device "
-        "GB | x the training gradient's |",
-        "|---|---|---|---|---|",
-        f"| training gradient | {1e3 * seconds['gradient']:.0f} | 1.00 | "
-        f"{peaks['gradient'] / 1e9:.2f} | 1.00 |",
-    ]
-    for way, ratio in result["hvp_time_in_gradients"].items():
-        rows.append(
-            f"| gradient and H v, {way.replace('_', ' ')} | "
-            f"{1e3 * seconds[way]:.0f} | {ratio:.2f} | "
-            f"{peaks[way] / 1e9:.2f} | "
-            f"{result['hvp_peak_memory_in_gradients'][way]:.2f} |")
-    return "\n".join(rows)
-
-
-def load_line(load):
-    start = ", ".join(f"{x:.2f}" for x in load["load_average_start"])
-    end = ", ".join(f"{x:.2f}" for x in load["load_average_end"])
-    share = load["other_processes_cpu_share"]
-    share = "unknown" if share is None else f"{100 * share:.1f}%"
-    return (f"Load average (1, 5, 15 min) at start {start}, at end {end}; "
-            f"other processes used {share} of the CPUs during the run.")
-
-
-def profile(result):
-    """Where the step time goes: ordinary and refresh steps apart, in
-    milliseconds and in AdamW steps, the refresh next to its floor."""
-    rows = [
-        ("| optimizer | mode | ordinary step, ms (x AdamW) | refresh step, "
-         "ms (x AdamW) | refresh floor (x AdamW) |"),
-        "|---|---|---|---|---|",
-    ]
-    fractions = {suffix: f for f, suffix in FRACTIONS.items()}
-    runs = dict(result["seconds"].get("train_step", {}))
-    if "jax_train_step" in result["seconds"]:
-        runs["jax"] = result["seconds"]["jax_train_step"]
-    for label, times in runs.items():
-        base = times["adamw"]["step"]
-        for name, t in times.items():
-            floor_text = ""
-            if name.startswith("sophia_"):
-                estimator = name[len("sophia_")]
-                suffix = name[len("sophia_g"):]
-                floor_text = f"{floor(estimator, fractions[suffix]):.2f}"
-            rows.append(
-                f"| {name} | {label} | {1e3 * t['ordinary_step']:.0f} "
-                f"({t['ordinary_step'] / base:.2f}) | "
-                f"{1e3 * t['refresh_step']:.0f} "
-                f"({t['refresh_step'] / base:.2f}) | {floor_text} |"
-            )
-    return "\n".join(rows)
-
-
-def memory_table(result):
-    """Peak memory of each short training run, in GB."""
-    settings = result["settings"]
-    rows = [
-        "| optimizer | mode | `train.pretrain`: device peak, GB (x AdamW) "
-        "| process peak RSS, GB (x AdamW) |",
-        "|---|---|---|---|",
-    ]
-    for label, runs in result["memory_bytes"].items():
-        cells = [
-            " | ".join(f"{run[kind] / 1e9:.2f} "
-                       f"({run[kind] / runs['adamw'][kind]:.2f})"
-                       for kind in ("device", "process"))
-            for run in runs.values()]
-        rows += [f"| {name} | {label} | {cell} |"
-                 for name, cell in zip(runs, cells)]
-    sizes = [f"{settings['memory_steps']} steps with "
-             f"{' '.join(settings['memory_flags']) or '(defaults)'}"]
-    for key, label in (("second_size", "the second size (`_30m`, `_tiny`)"),
-                       ("parameter_size", "`_parameters`")):
-        if key in settings:
-            size = settings[key]
-            sizes.append(f"{label} {size['memory_steps']} steps with "
-                         f"{' '.join(size['memory_flags'])}")
-    if "arrays" in settings:
-        sizes.append("`_arrays`: `fit` on arrays of 2.5 batches of "
-                     f"{' '.join(settings['arrays']['memory_flags'])} "
-                     "(`train.fit_memory`)")
-    return "\n".join(rows) + "\n\nRuns of " + "; ".join(sizes) + "."
-
-
-def jax_memory_table(result):
-    """The JAX train step's peak device bytes and their parts, in GB."""
-    rows = [
-        "| Keras on JAX: XLA's buffers of one step | arguments (state, "
-        "batch), GB | outputs not written in place, GB | temporaries, GB | "
-        "peak, GB (x AdamW) |",
-        "|---|---|---|---|---|",
-    ]
-    peaks = result["peak_memory_bytes"]
-    for name, analysis in result["jax_memory_analysis"].items():
-        peak = peaks[jax_cell(name)]
-        adamw = peaks[jax_cell(jax_adamw(name))]
-        written = (analysis["output_size_in_bytes"]
-                   - analysis["alias_size_in_bytes"])
-        rows.append(
-            f"| {name} | {analysis['argument_size_in_bytes'] / 1e9:.3f} | "
-            f"{written / 1e9:.3f} | {analysis['temp_size_in_bytes'] / 1e9:.3f}"
-            f" | {peak / 1e9:.3f} ({peak / adamw:.2f}) |")
-    return "\n".join(rows)
 
 
 def parts_list(text):

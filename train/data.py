@@ -12,7 +12,9 @@ import json
 import os
 import pathlib
 import re
+import sys
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -236,7 +238,9 @@ def _write_tokens(texts, out, num_documents, tokenizer_name):
     """Tokenizes `texts` chunk by chunk into `out`; returns the counts."""
     end_of_text = tokenizer.END_OF_TEXT_IDS[tokenizer_name]
     total = dict(tokens=0, text_tokens=0, documents=0)
-    progress = tqdm.tqdm(total=num_documents, unit="doc", desc="Tokenizing")
+    progress = (tqdm.tqdm(total=num_documents, unit="doc", desc="Tokenizing")
+                if sys.stderr.isatty() else
+                PlainProgress(num_documents, "Tokenizing", "doc"))
     with progress:
         while chunk := list(itertools.islice(texts, _CHUNK)):
             encoded = tokenizer.encode_batch(tokenizer_name, chunk)
@@ -251,6 +255,37 @@ def _write_tokens(texts, out, num_documents, tokenizer_name):
             total["documents"] += len(encoded)
             progress.update(len(chunk))
     return total
+
+
+class PlainProgress:
+    """tqdm's counts as a plain line on stderr every `interval` seconds and
+    at the end, for a log file (there tqdm's bar is carriage returns
+    piling up on one line)."""
+
+    FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]"
+
+    def __init__(self, total, desc, unit, interval=30.0):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.n, self.interval = 0, interval
+        self.start = self.shown = time.monotonic()
+
+    def update(self, n):
+        self.n += n
+        if time.monotonic() - self.shown >= self.interval:
+            self.show()
+
+    def show(self):
+        self.shown = time.monotonic()
+        print(tqdm.tqdm.format_meter(
+            self.n, self.total, self.shown - self.start, prefix=self.desc,
+            unit=self.unit, bar_format=self.FORMAT), file=sys.stderr,
+            flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.show()
 
 
 def _write_meta(folder, meta, tokenizer_name):
