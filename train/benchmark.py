@@ -23,7 +23,8 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   its extra FLOPs (see `benchmark_report.floor`), next to which the measured one is read.
 * `peak_memory_ratio_vs_adamw`: the peak bytes the device (TensorFlow's
   CPU allocator) held during a short `train.pretrain` run of each Sophia
-  variant over AdamW's, each in a fresh process (see PEAK_RSS_CHILD);
+  variant over AdamW's, each in a fresh process
+  (`train/peak_memory_child.py`);
   `process_memory_ratio_vs_adamw`: the same for the process's peak RSS.
   Its `*_jax` cells (`--parts jax`) are the same over the train step
   compiled by Keras's JAX backend, from XLA's buffer assignment (see
@@ -309,6 +310,9 @@ def hvp_times(settings):
                      for g in tape.gradient(loss, variables)]
         return grads, forward.jvp(grads)
 
+    checked = check_products(reverse_over_reverse(x, y, probes)[1],
+                             forward_over_reverse(x, y, probes)[1])
+
     def timer(function):
         def run():
             tf.nest.map_structure(
@@ -332,7 +336,33 @@ def hvp_times(settings):
         run()
         peaks[name] = (
             tf.config.experimental.get_memory_info("CPU:0")["peak"] - held)
-    return seconds, peaks
+    return seconds, peaks, checked
+
+
+def check_products(reverse, forward, rtol=1e-3):
+    """What the two ways made, checked before they are timed: a product
+    for every variable from each, and forward over reverse's equal to
+    reverse over reverse's within `rtol` of the largest entry (a way that
+    returned no tangents would otherwise time a gradient alone). Raises
+    RuntimeError naming the variable; returns the count and the largest
+    difference over the largest entry."""
+    missing = [i for i, products in enumerate(zip(reverse, forward))
+               if any(product is None for product in products)]
+    if missing:
+        raise RuntimeError(f"no Hessian-vector product for variables "
+                           f"{missing} of {len(reverse)}")
+    reverse = [np.asarray(r) for r in reverse]
+    scale = max(np.abs(r).max() for r in reverse)
+    differences = [np.abs(np.asarray(f) - r).max() / scale
+                   for r, f in zip(reverse, forward)]
+    for i, difference in enumerate(differences):
+        if not difference <= rtol:
+            raise RuntimeError(
+                f"forward over reverse's product of variable {i} differs "
+                f"from reverse over reverse's by {difference:.2g} of the "
+                f"largest entry (allowed: {rtol})")
+    return {"variables": len(reverse),
+            "largest_difference": float(max(differences))}
 
 
 def state_bytes():
@@ -410,44 +440,10 @@ def load(start, start_cpu, wall):
     }
 
 
-# Runs `train.pretrain` with the given flags and writes, as JSON to the
-# file named by its first argument: `device`, the peak bytes TensorFlow's
-# CPU allocator held over the training steps (every tensor and XLA buffer
-# of a step; what a GPU's or TPU's peak bytes are), and `process`, the
-# process's peak RSS (also the runtime, the data and compiling: XLA's
-# compiler alone takes about half a GB here). The child reads its own
-# VmHWM: the kernel's ru_maxrss of a child also counts the parent's memory
-# at fork.
-PEAK_RSS_CHILD = """
-import json, runpy, sys
-import keras
-import tensorflow as tf
-out, sys.argv = sys.argv[1], ["train.pretrain"] + sys.argv[2:]
-seen = {}
-
-class DevicePeak(keras.callbacks.Callback):
-    def on_train_batch_end(self, batch, logs=None):
-        seen["device"] = tf.config.experimental.get_memory_info(
-            "CPU:0")["peak"]
-
-fit = keras.Model.fit
-def fit_watched(model, *args, callbacks=(), **kwargs):
-    return fit(model, *args, callbacks=[DevicePeak(), *callbacks], **kwargs)
-
-keras.Model.fit = fit_watched
-runpy.run_module("train.pretrain", run_name="__main__")
-with open("/proc/self/status") as f:
-    seen["process"] = [int(line.split()[1]) * 1024 for line in f
-                       if line.startswith("VmHWM:")][0]
-with open(out, "w") as f:
-    json.dump(seen, f)
-"""
-
-
 def peak_memory(settings, jit, arrays=False):
-    """Resident memory (see PEAK_RSS_CHILD) of a short `train.pretrain`
-    run per optimizer variant, each in a fresh process; with `arrays`, of
-    `fit` on NumPy arrays instead (`train.fit_memory`).
+    """Resident memory (`train/peak_memory_child.py`) of a short
+    `train.pretrain` run per optimizer variant, each in a fresh process;
+    with `arrays`, of `fit` on NumPy arrays instead (`train.fit_memory`).
 
     Without XLA the graph executor runs independent ops at once in an
     order that changes from run to run, and so does its peak (measured on
@@ -476,7 +472,7 @@ def _run_peak(settings, jit, flags, arrays=False):
         else:
             steps = settings["memory_steps"]
             command = [
-                sys.executable, "-c", PEAK_RSS_CHILD, peak_file,
+                sys.executable, "-m", "train.peak_memory_child", peak_file,
                 "--steps", str(steps), "--eval-interval", str(steps),
                 "--eval-steps", "2", "--warmup", "1",
                 "--out", os.path.join(out, "run")]
@@ -516,113 +512,6 @@ def memory_ratios(memory):
     return ratios
 
 
-# Times the train steps of AdamW, Sophia-G, Sophia-H and Sophia through
-# Keras's own step on Keras's JAX backend (`KERAS_BACKEND=jax`, a process
-# of its own: the backend is chosen once per process, and this program is
-# a TensorFlow one, so the child imports only keras_sophia and models), then
-# reads XLA's buffer assignment of the train step of AdamW and each Sophia
-# variant of MEMORY_RUNS (see `jax_peak_bytes`). Arguments: the output
-# file, then a JSON object of settings; it writes each optimizer's step
-# times in order (the parent summarises them as `step_times` does) and
-# each memory run's `memory_analysis()` fields. Each step is
-# `train_on_batch`, which returns the loss as a number, so every step is
-# waited for; the optimizers take turns by cycle, as in `step_times`.
-JAX_STEP_CHILD = """
-import json, sys, time
-import jax
-import keras
-import keras_hub
-import numpy as np
-import keras_sophia
-from models import gpt2
-
-out, settings = sys.argv[1], json.loads(sys.argv[2])
-k, batch, block = settings["interval"], settings["batch"], settings["block"]
-rng = np.random.default_rng(0)
-tokens = rng.integers(0, gpt2.VOCAB_SIZE, size=(8, batch, block + 1))
-batches = [({"token_ids": t[:, :-1], "padding_mask": np.ones_like(t[:, :-1])},
-            t[:, 1:]) for t in tokens]
-
-def sophia(**kwargs):
-    return lambda: keras_sophia.Sophia(
-        1e-4, weight_decay=0.1, hessian_update_interval=k, seed=0, **kwargs)
-
-optimizers = {
-    "adamw": lambda: keras.optimizers.AdamW(1e-4, weight_decay=0.1),
-    "sophia_g": sophia(),
-    "sophia_h": sophia(estimator="hutchinson"),
-    "keras_step_sophia": sophia(),
-    # Not timed: only their memory is read, below.
-    "sophia_g_half_batch": sophia(hessian_batch_fraction=0.5),
-    "sophia_h_half_batch": sophia(estimator="hutchinson",
-                                  hessian_batch_fraction=0.5),
-}
-
-def build(name, size="tiny", block=block):
-    keras.utils.set_random_seed(0)
-    model = gpt2.build(size, block_size=block)
-    if name == "keras_step_sophia":
-        # Keras's own train step, without SophiaTrainStep: h is never
-        # refreshed (Sophia warns), so every step is Sophia's update alone.
-        model = keras_hub.models.GPT2CausalLM(backbone=model.backbone,
-                                              preprocessor=None)
-    model.compile(optimizers[name](),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
-    return model
-
-models = {name: build(name) for name in
-          ("adamw", "sophia_g", "sophia_h", "keras_step_sophia")}
-times = {name: [] for name in models}
-for cycle in range(settings["warmup_cycles"] + settings["cycles"]):
-    for name, model in models.items():
-        for i in range(k):
-            start = time.perf_counter()
-            logs = model.train_on_batch(*batches[i % 8], return_dict=True)
-            float(logs["loss"])
-            if cycle >= settings["warmup_cycles"]:
-                times[name].append(time.perf_counter() - start)
-
-# The step `fit` runs: `model.train_step(state, data)` jitted with the
-# state donated, as Keras's `make_train_function` does, on the state and
-# batch `train_on_batch` passes it (one step first builds the optimizer
-# and metrics). The refresh and the ordinary step are the two branches of
-# one `lax.cond` in this one program. On CPU it is compiled without
-# YNNPACK's library fusions, which would hold the intermediates of a
-# fused chain of ops in YNNPACK's own memory, out of XLA's count; so every
-# buffer of the step is one XLA assigns, as on a GPU.
-options = ({"xla_cpu_experimental_ynn_fusion_type": ""}
-           if jax.default_backend() == "cpu" else None)
-
-def analyse(model, batch):
-    model.train_on_batch(*batch)
-    state = tuple([v.value for v in variables] for variables in (
-        model.trainable_variables, model.non_trainable_variables,
-        model.optimizer.variables, model.metrics_variables))
-    data = jax.tree.map(jax.device_put, (*batch, None))
-    analysis = jax.jit(model.train_step, donate_argnums=0).lower(
-        state, data).compile(compiler_options=options).memory_analysis()
-    return {field: getattr(analysis, field)
-            for field in settings["memory_fields"]}
-
-memory = {}
-for name in settings["memory_runs"]:
-    model = models[name] if name in models else build(name)
-    memory[name] = analyse(model, batches[0])
-# Where parameters dominate: the same runs at `parameter_size`, under
-# names ending in `_parameters`.
-size = settings["parameter_size"]
-if size:
-    t = rng.integers(0, gpt2.VOCAB_SIZE,
-                     size=(size["batch"], size["block"] + 1))
-    big = ({"token_ids": t[:, :-1], "padding_mask": np.ones_like(t[:, :-1])},
-           t[:, 1:])
-    for name in settings["memory_runs"]:
-        memory[f"{name}_parameters"] = analyse(
-            build(name, size["model"], size["block"]), big)
-with open(out, "w") as f:
-    json.dump({"times": times, "memory": memory}, f)
-"""
 # What the JAX child reads of `memory_analysis()`, in bytes.
 JAX_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes",
                      "alias_size_in_bytes", "temp_size_in_bytes",
@@ -632,7 +521,7 @@ JAX_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes",
 def jax_train_step(settings):
     """`step_times` of AdamW, Sophia-G and Sophia-H (whole batch) on
     Keras's JAX backend, and the `memory_analysis()` of each memory run's
-    compiled step, from a child process (see JAX_STEP_CHILD)."""
+    compiled step, from a child process (see `train/jax_step_child.py`)."""
     child_settings = {
         "interval": INTERVAL, "batch": settings["batch_size"],
         "block": settings["block_size"], "cycles": settings["cycles"],
@@ -642,7 +531,7 @@ def jax_train_step(settings):
         "parameter_size": size_of(settings["parameter_size"])}
     with tempfile.TemporaryDirectory() as out:
         out_file = os.path.join(out, "step")
-        command = [sys.executable, "-c", JAX_STEP_CHILD, out_file,
+        command = [sys.executable, "-m", "train.jax_step_child", out_file,
                    json.dumps(child_settings)]
         child = subprocess.run(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -719,7 +608,8 @@ def run(mode, parts=DEFAULT_PARTS):
                   flush=True)
         add_memory(result, memory)
     if "hvp" in parts:
-        seconds["hvp"], peaks = hvp_times(settings)
+        seconds["hvp"], peaks, result["hvp_products_checked"] = hvp_times(
+            settings)
         print(f"Hessian-vector products: {seconds['hvp']}, peak bytes "
               f"{peaks}", flush=True)
         ways = ("reverse_over_reverse", "forward_over_reverse")

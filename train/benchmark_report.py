@@ -140,6 +140,11 @@ def hvp_table(result):
             f"{1e3 * seconds[way]:.0f} | {ratio:.2f} | "
             f"{peaks[way] / 1e9:.2f} | "
             f"{result['hvp_peak_memory_in_gradients'][way]:.2f} |")
+    checked = result.get("hvp_products_checked")
+    rows.append("" if checked is None else (
+        f"\nBefore timing, both ways made a product for each of the "
+        f"{checked['variables']} variables, equal to within "
+        f"{checked['largest_difference']:.1e} of the largest entry."))
     return "\n".join(rows)
 
 
