@@ -39,6 +39,7 @@ def compare_summary(report):
 # Name in a marker -> the table made from the JSON's contents.
 TABLES = {
     "headline": benchmark_report.headline,
+    "hvp_table": benchmark_report.hvp_table,
     "memory_cells": benchmark_report.memory_cells,
     "step_table": benchmark_report.step_table,
     "compare_summary": compare_summary,
