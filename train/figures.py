@@ -13,8 +13,9 @@ JSON it is made from, relative to the repository's root:
 
 and the `.md` written beside a result when it was measured (`GENERATED`)
 is made again from its JSON. A figure copied by hand drifts from the
-measurement it quotes; CI runs `--check`, so a committed table is what
-its JSON says. Prose that quotes a figure points at a table instead.
+measurement it quotes; the default test suite runs the check
+(tests/test_benchmark_report.py), so a committed table is what its JSON
+says. Prose that quotes a figure points at a table instead.
 """
 
 import argparse
