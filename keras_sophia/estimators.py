@@ -37,6 +37,11 @@ class HessianEstimator(abc.ABC):
     not simply averaged, `finalize`.
     """
 
+    # Whether `statistics` may call `context.hvp`, a second derivative:
+    # a backend keeps what that needs (torch: the backward graph and a
+    # twice-differentiable attention kernel) only where it is True.
+    uses_hvp = True
+
     @abc.abstractmethod
     def statistics(self, context):
         """Returns `(sums, count)` for this replica's share of the batch."""
@@ -65,6 +70,9 @@ class GaussNewtonBartlett(HessianEstimator):
     `B`. Requires a model compiled with a (sparse) categorical
     cross-entropy loss; `from_logits` is honoured.
     """
+
+    # One vector-Jacobian product through the output: first order.
+    uses_hvp = False
 
     def statistics(self, context):
         sparse, from_logits, ignore_class = _cross_entropy_kind(context.model)

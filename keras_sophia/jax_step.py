@@ -73,7 +73,9 @@ class JAX(Primitives):
         self._keep(aux, batch[0], track_loss)
         return aux[1], grads
 
-    def shared_pass(self, batch, seed, track_loss=True):
+    def shared_pass(self, batch, seed, track_loss=True, second_order=True):
+        # `jax.vjp` keeps what the pullback needs, and Hutchinson's
+        # product is a pass of its own: `second_order` changes nothing.
         (loss, y_pred), pullback, aux = jax.vjp(
             _with_output(self._loss(batch)), self._values(), has_aux=True)
         (grads,) = pullback((jnp.ones_like(loss),
@@ -82,7 +84,7 @@ class JAX(Primitives):
         return y_pred, grads, self._context(batch, seed, pullback, loss,
                                             y_pred, grads=grads)
 
-    def chunk_context(self, part, seed, rows):
+    def chunk_context(self, part, seed, rows, second_order=True):
         (loss, y_pred), pullback, _ = jax.vjp(
             _with_output(self._loss(part)), self._values(), has_aux=True)
         return self._context(part, seed, pullback, loss, y_pred, rows=rows)

@@ -31,18 +31,20 @@ class Primitives(abc.ABC):
         the loss is added to the logged `loss` if `track_loss`."""
 
     @abc.abstractmethod
-    def shared_pass(self, batch, seed, track_loss=True):
+    def shared_pass(self, batch, seed, track_loss=True, second_order=True):
         """The training pass recorded for an estimator to reuse:
         `(y_pred, grads, context)` with `context` an `EstimatorContext`
-        on the whole batch."""
+        on the whole batch; its `hvp` works where `second_order`
+        (`HessianEstimator.uses_hvp`)."""
 
     @abc.abstractmethod
-    def chunk_context(self, part, seed, rows):
+    def chunk_context(self, part, seed, rows, second_order=True):
         """An `EstimatorContext` on `part` = (x, y, sample_weight), from a
         forward pass of its own in training mode that changes no state
         (BatchNormalization's moving statistics and seed generators
         advance on the training pass only); `rows` = (first row, rows of
-        the share) places its per-example draws."""
+        the share) places its per-example draws; its `hvp` works where
+        `second_order`."""
 
     @abc.abstractmethod
     def cond(self, pred, true_fn, false_fn):

@@ -155,7 +155,8 @@ def shared_pass(primitives, estimator, batch, seed, track_loss=True):
     for this replica's whole `batch` = (x, y, sample_weight), the
     estimator reusing the training pass (`Primitives.shared_pass`); `seed`
     (the step's) seeds its draws."""
-    y_pred, grads, context = primitives.shared_pass(batch, seed, track_loss)
+    y_pred, grads, context = primitives.shared_pass(
+        batch, seed, track_loss, second_order=estimator.uses_hvp)
     # After the training backward pass, not beside it: the graph executor
     # would otherwise run both at once and hold the logits-sized tensors
     # of each.
@@ -183,8 +184,8 @@ def _in_chunks(primitives, estimator, batch, seed, share, chunks):
         part = tree.map_structure(
             lambda t: None if t is None else _slice_rows(t, start, size),
             batch)
-        sums, count = estimator.statistics(
-            primitives.chunk_context(part, seed, (start, share)))
+        sums, count = estimator.statistics(primitives.chunk_context(
+            part, seed, (start, share), second_order=estimator.uses_hvp))
         missing[:] = [s is None for s in sums]
         return sums, ops.cast(count, "float32")
 

@@ -92,11 +92,12 @@ class TensorFlow(Primitives):
         y_pred, loss = training_loss(self.model, *batch, tape, track_loss)
         return y_pred, tape.gradient(loss, self.variables)
 
-    def shared_pass(self, batch, seed, track_loss=True):
+    def shared_pass(self, batch, seed, track_loss=True, second_order=True):
         # The inner tape records the forward pass (GNB differentiates the
         # sampled loss through it), the outer one the training gradient
         # (Hutchinson differentiates it once more); in a compiled step a
-        # tape costs nothing unless a gradient is taken from it.
+        # tape costs nothing unless a gradient is taken from it, so
+        # `second_order` changes nothing here.
         outer = tf.GradientTape(persistent=True)
         inner = tf.GradientTape(persistent=True)
         with outer:
@@ -108,7 +109,7 @@ class TensorFlow(Primitives):
                                     inner, outer, seed)
         return y_pred, grads, context
 
-    def chunk_context(self, part, seed, rows):
+    def chunk_context(self, part, seed, rows, second_order=True):
         # In a scope of its own: what the pass assigns (BatchNormalization's
         # moving statistics, seed generators) is dropped with it.
         scope = keras.StatelessScope(collect_losses=True)

@@ -8,12 +8,15 @@ and nothing is combined over replicas. Hutchinson's `hvp` differentiates
 the recorded training gradient once more (double backward), so a pass
 that may serve it keeps the backward graph (`create_graph=True`) and runs
 its attention on PyTorch's math kernel: the fused ones (flash,
-memory-efficient) have no derivative of their backward pass.
+memory-efficient) have no derivative of their backward pass. GNB's
+passes (`HessianEstimator.uses_hvp` False) keep neither.
 
 Not supported on torch yet, each refused with a `ValueError` naming it:
 loss scaling (`LossScaleOptimizer`, `loss_scale_factor`) and gradient
 accumulation.
 """
+
+import contextlib
 
 import keras
 import numpy as np
@@ -58,20 +61,23 @@ class Torch(Primitives):
         grads = torch.autograd.grad(loss, self._params(), allow_unused=True)
         return y_pred, list(grads)
 
-    def shared_pass(self, batch, seed, track_loss=True):
-        with _twice_differentiable():
+    def shared_pass(self, batch, seed, track_loss=True, second_order=True):
+        with _attention(second_order):
             y_pred, loss = self._loss(batch, track_loss)
+        # The forward graph stays for the estimator's products through the
+        # output; the gradient's own backward graph only for `hvp`.
         recorded = torch.autograd.grad(loss, self._params(),
-                                       create_graph=True, allow_unused=True)
+                                       create_graph=second_order,
+                                       retain_graph=True, allow_unused=True)
         grads = [None if g is None else g.detach() for g in recorded]
         return y_pred, grads, TorchContext(self.model, *batch, y_pred,
                                            self.variables, recorded, seed)
 
-    def chunk_context(self, part, seed, rows):
+    def chunk_context(self, part, seed, rows, second_order=True):
         # In a scope of its own: what the pass assigns (BatchNormalization's
         # moving statistics, seed generators) is dropped with it.
         scope = keras.StatelessScope(collect_losses=True)
-        with scope, _twice_differentiable():
+        with scope, _attention(second_order):
             y_pred = self.model(part[0], training=True)
 
         # The chunk's own training gradient, built on first use (GNB never
@@ -80,8 +86,8 @@ class Torch(Primitives):
             with scope:
                 _, loss = self._loss(part, False, y_pred=y_pred)
             return torch.autograd.grad(loss, self._params(),
-                                       create_graph=True, retain_graph=True,
-                                       allow_unused=True)
+                                       create_graph=second_order,
+                                       retain_graph=True, allow_unused=True)
 
         return TorchContext(self.model, *part, y_pred, self.variables, grads,
                             seed, rows=rows)
@@ -175,7 +181,10 @@ class TorchContext(EstimatorContext):
         return self._recorded
 
 
-def _twice_differentiable():
-    """Attention on PyTorch's math kernel, whose backward pass has a
-    derivative (Hutchinson's `hvp`); the fused kernels' have none."""
-    return sdpa_kernel([SDPBackend.MATH])
+def _attention(second_order):
+    """Where `second_order`, attention on PyTorch's math kernel, whose
+    backward pass has a derivative (Hutchinson's `hvp`); the fused
+    kernels' have none. Otherwise whichever kernel torch picks."""
+    if second_order:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()

@@ -4,6 +4,8 @@ the tf.distribute ones (TensorFlow only, imported when called):
 
 import functools
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -161,3 +163,17 @@ def state(model, leave_out=None):
         for v in model.trainable_variables + model.optimizer.variables
         if leave_out is None or leave_out not in v.name
     ]
+
+
+def without_tensorflow(program, args, backend):
+    """Runs `python -m program *args` on Keras's `backend` from the
+    repository root in a process where `import tensorflow` fails, as on a
+    machine without it; returns the finished process."""
+    hide = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+            f"sys.argv[0] = {program!r}; "
+            f"runpy.run_module({program!r}, run_name='__main__', "
+            "alter_sys=True)")
+    return subprocess.run(
+        [sys.executable, "-c", hide, *args], capture_output=True, text=True,
+        cwd=os.path.join(os.path.dirname(__file__), os.pardir),
+        env={**os.environ, "KERAS_BACKEND": backend})

@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from train import benchmark
+from train import benchmark, benchmark_hvp, benchmark_memory, benchmark_step
 
 
 def test_sophia_keeps_as_much_state_as_adamw_and_twice_lion():
     # Sophia: m and h; AdamW: m and v; Lion: m. One float32 each per weight.
-    assert benchmark.state_bytes() == {"sophia": 2.0, "adamw": 2.0,
-                                       "lion": 1.0}
+    assert benchmark_step.state_bytes() == {"sophia": 2.0, "adamw": 2.0,
+                                            "lion": 1.0}
 
 
 @pytest.mark.large
@@ -39,7 +39,7 @@ def test_quick_mode_writes_every_figure(tmp_path):
     # Each variant's peak device bytes and RSS, over AdamW's from its own
     # fresh process; the device's tensors are part of the process.
     runs = result["memory_bytes"]["graph"]
-    assert set(runs) == set(benchmark.MEMORY_RUNS)
+    assert set(runs) == set(benchmark_memory.MEMORY_RUNS)
     for run in runs.values():
         assert 0 < run["device"] < run["process"]
         assert run["process"] > 100e6
@@ -53,7 +53,7 @@ def test_quick_mode_writes_every_figure(tmp_path):
         g["process"] / adamw["process"])
     # The same runs at the second size, under their own labels.
     second = result["memory_bytes"]["graph_tiny"]
-    assert set(second) == set(benchmark.MEMORY_RUNS)
+    assert set(second) == set(benchmark_memory.MEMORY_RUNS)
     assert result["peak_memory_ratio_vs_adamw"]["sophia_h_graph_tiny"] == (
         second["sophia_h"]["device"] / second["adamw"]["device"])
     # 8 x 64 tokens against 2 x 16: 16 times the logits. One copy of them,
@@ -64,7 +64,7 @@ def test_quick_mode_writes_every_figure(tmp_path):
     # over AdamW's at its size.
     for label in ("graph_parameters", "graph_arrays"):
         runs = result["memory_bytes"][label]
-        assert set(runs) == set(benchmark.MEMORY_RUNS)
+        assert set(runs) == set(benchmark_memory.MEMORY_RUNS)
         assert all(0 < run["device"] < run["process"]
                    for run in runs.values())
         assert result["peak_memory_ratio_vs_adamw"][
@@ -89,14 +89,15 @@ def test_quick_mode_writes_every_figure(tmp_path):
 
 def test_a_missing_or_different_product_fails_the_benchmark():
     reverse = [np.ones((2, 3)), np.full(4, 2.0)]
-    assert benchmark.check_products(reverse, [r.copy() for r in reverse]) == {
+    same = [r.copy() for r in reverse]
+    assert benchmark_hvp.check_products(reverse, same) == {
         "variables": 2, "largest_difference": 0.0}
     with pytest.raises(RuntimeError, match=r"variables \[1\] of 2"):
-        benchmark.check_products(reverse, [reverse[0], None])
+        benchmark_hvp.check_products(reverse, [reverse[0], None])
     # 0.01 off in one entry: 0.005 of the largest entry (2), above 1e-3.
     off = [reverse[0] + np.eye(2, 3) * 0.01, reverse[1]]
     with pytest.raises(RuntimeError, match="variable 0 differs .* by 0.005"):
-        benchmark.check_products(reverse, off)
+        benchmark_hvp.check_products(reverse, off)
 
 
 @pytest.mark.parametrize("parts", ["", "apply,steps", ","])
@@ -107,4 +108,16 @@ def test_an_unknown_part_exits_2_with_one_line(parts, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--parts" in error and (
         "apply, step, memory, hvp, memory_second_size, memory_parameters, "
-        "memory_arrays, jax") in error
+        "memory_arrays, jax, torch") in error
+
+
+def test_a_tensorflow_part_on_another_backend_exits_2_naming_it(
+        monkeypatch, capsys):
+    monkeypatch.setattr(benchmark.keras.backend, "backend", lambda: "jax")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--quick", "--parts", "step,jax,hvp"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(
+        "--parts step,hvp needs Keras's TensorFlow backend; KERAS_BACKEND is "
+        "'jax', where the parts are jax, torch")

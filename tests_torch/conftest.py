@@ -22,6 +22,7 @@ from common import CE  # noqa: E402,F401
 from common import classification_data  # noqa: E402,F401
 from common import slot_values  # noqa: E402,F401
 from common import tiny_classifier  # noqa: E402,F401
+from common import without_tensorflow  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)

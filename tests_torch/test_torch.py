@@ -1,6 +1,12 @@
 """Keras's torch backend: Sophia through `SophiaTrainStep` against the
-authors' own PyTorch `SophiaG`, and the refusals. The backend-neutral
-files of tests/ (bfloat16 included) run on torch too (`.ci/run`)."""
+authors' own PyTorch `SophiaG`, the refusals, and the benchmark there.
+The backend-neutral files of tests/ (bfloat16 included) run on torch too
+(`.ci/run`)."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +16,7 @@ from conftest import CE
 from conftest import classification_data
 from conftest import slot_values
 from conftest import tiny_classifier
+from conftest import without_tensorflow
 
 from keras_sophia import Sophia
 
@@ -83,3 +90,72 @@ def test_what_torch_does_not_support_yet_is_refused_by_name(option, match):
     model.compile(Sophia(1e-2, seed=0, **option), CE)
     with pytest.raises(ValueError, match=f"{match}.*torch backend"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("estimator, second_order",
+                         [("gnb", False), ("hutchinson", True)])
+def test_only_a_second_order_estimator_keeps_the_gradients_graph(
+        estimator, second_order):
+    # GNB takes one product through the output (first order): its passes
+    # keep the forward graph but not the training gradient's backward
+    # graph, which Hutchinson's product differentiates.
+    from keras_sophia import estimators
+    from keras_sophia.refresh import shared_pass
+    from keras_sophia.torch_step import Torch
+
+    x, y = classification_data(n=8)
+    model = tiny_classifier()
+    model.compile(Sophia(estimator=estimator), CE)
+    model.train_on_batch(x, y)
+    chosen = estimators.get(estimator)
+    assert chosen.uses_hvp is second_order
+    batch = (torch.as_tensor(x), torch.as_tensor(y), None)
+    primitives = Torch(model)
+    _, grads, (sums, _) = shared_pass(primitives, chosen, batch, (0, 0),
+                                      track_loss=False)
+    assert all(np.isfinite(s.detach().cpu().numpy()).all() for s in sums)
+    _, _, context = primitives.shared_pass(batch, (0, 0), False,
+                                           second_order=second_order)
+    assert all(g.requires_grad is second_order
+               for g in context._recorded_grads())
+    assert not any(g.requires_grad for g in grads)
+
+
+@pytest.mark.parametrize("where", ["without_tensorflow", "tensorflow_parent"])
+def test_the_benchmark_times_sophia_against_adamw_on_torch(tmp_path, where):
+    # On Keras's torch backend with TensorFlow not importable, and as the
+    # `torch` part of a TensorFlow run (a child process on torch).
+    out = tmp_path / "bench.json"
+    if where == "without_tensorflow":
+        done = without_tensorflow("train.benchmark",
+                                  ["--quick", "--out", str(out)], "torch")
+    else:
+        done = subprocess.run(
+            [sys.executable, "-m", "train.benchmark", "--quick", "--parts",
+             "torch", "--out", str(out)], capture_output=True, text=True,
+            cwd=os.path.join(os.path.dirname(__file__), os.pardir),
+            env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    times = result["seconds"]["torch_train_step"]
+    assert set(times) == {"adamw", "sophia_g", "sophia_h",
+                          "keras_step_sophia"}
+    for run in times.values():
+        assert len(run["cycles"]) == result["settings"]["cycles"]
+        measured = run["cycles"] + [run["refresh_step"], run["ordinary_step"]]
+        assert all(np.isfinite(t) and t > 0 for t in measured)
+    for name in ("sophia_g", "sophia_h"):
+        assert result["torch_step_time_ratio_vs_adamw"][name] == (
+            pytest.approx(times[name]["step"] / times["adamw"]["step"]))
+    settings = result["settings"]
+    tokens = settings["batch_size"] * settings["block_size"]
+    assert result["torch_tokens_per_second"]["adamw"] == pytest.approx(
+        tokens / times["adamw"]["step"])
+    # Without CUDA torch keeps no memory counters: no figure, and the
+    # table says so rather than leaving it out silently.
+    memory = result["torch_memory_analysis"]
+    assert memory and all(figures is None for figures in memory.values())
+    assert "peak_memory_bytes" not in result
+    table = (tmp_path / "bench.md").read_text()
+    assert "Keras on torch (eager)" in table
+    assert "not measured: torch keeps no counters of CPU tensors" in table

@@ -1,8 +1,9 @@
 """The GPT-2 training programs: data, pretraining, benchmark, comparison.
 
-`train.pretrain` runs on Keras's TensorFlow, JAX and torch backends. The others
-are TensorFlow programs throughout (tf.distribute, TensorFlow's memory
-counters, the comparison's runs), so each `main` first calls
+`train.pretrain` runs on Keras's TensorFlow, JAX and torch backends (its
+data pipeline is tf.data), `train.benchmark` on each of them without
+TensorFlow too. The others are TensorFlow programs throughout
+(tf.distribute, the comparison's runs), so each `main` first calls
 `require_tensorflow`.
 
 Every `python -m train.X` imports this package first, so TensorFlow is
@@ -38,25 +39,9 @@ START_UP = (r"^WARNING: All log messages before absl::InitializeLog"
             r"|^To enable the following instructions"
             r"|^[IWEF]\d{4} ")
 
-# Copies its stdin to its stdout line by line, but for lines matching
-# argv[1] and for a second copy of a line matching argv[2] (compared
-# without the time and thread absl writes first).
-_FILTER = """
-import re, sys
-drop, once = (re.compile(pattern.encode()) for pattern in sys.argv[1:3])
-prefix = re.compile(rb"^[IWEF]\\d{4} [\\d:.]+ +\\d+ ")
-seen = set()
-for line in sys.stdin.buffer:
-    if drop.search(line):
-        continue
-    if once.search(line):
-        key = prefix.sub(b"", line)
-        if key in seen:
-            continue
-        seen.add(key)
-    sys.stdout.buffer.write(line)
-    sys.stdout.buffer.flush()
-"""
+# The child that filters file descriptor 2 (`stderr_without`).
+_FILTER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       "stderr_filter.py")
 
 
 def no_nvidia_driver():
@@ -88,7 +73,7 @@ def stderr_without(drop, once=NOTHING):
         yield
         return
     child = subprocess.Popen(
-        [sys.executable, "-I", "-c", _FILTER, drop, once],
+        [sys.executable, "-I", _FILTER, drop, once],
         stdin=subprocess.PIPE, stdout=stderr, stderr=stderr)
     os.dup2(child.stdin.fileno(), 2)
     try:
@@ -109,8 +94,11 @@ def import_tensorflow():
     tracebacks and a crash's last output still show. With a GPU driver the
     probe's lines are kept (there, cuInit failing is news). If
     TF_CPP_MIN_LOG_LEVEL is set, the user has chosen what TensorFlow
-    shows, and it is left alone."""
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    shows, and it is left alone. Without TensorFlow installed (Keras on
+    JAX or torch alone: `train.benchmark` runs there) nothing is
+    imported."""
+    if ("TF_CPP_MIN_LOG_LEVEL" in os.environ
+            or importlib.util.find_spec("tensorflow") is None):
         return
     with stderr_without(CUDA_PROBE if no_nvidia_driver() else NOTHING,
                         START_UP):
@@ -161,6 +149,7 @@ def require_tensorflow(program):
     if keras.backend.backend() != "tensorflow":
         print(f"{program} runs on Keras's TensorFlow backend only; "
               f"KERAS_BACKEND is {keras.backend.backend()!r}. Unset it or "
-              "set it to 'tensorflow' (train.pretrain and keras_sophia "
-              "itself run on JAX: docs/jax.md).", file=sys.stderr)
+              "set it to 'tensorflow' (train.pretrain, train.benchmark and "
+              "keras_sophia itself run on JAX: docs/jax.md).",
+              file=sys.stderr)
         raise SystemExit(2)

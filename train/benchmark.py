@@ -5,6 +5,15 @@
     python -m train.benchmark --out FILE.json  # default: benchmark.json
     python -m train.benchmark --parts step,hvp # only some measurements
     python -m train.benchmark --parts jax      # Keras on JAX (jax extra)
+    KERAS_BACKEND=torch python -m train.benchmark   # on torch, no TensorFlow
+
+On Keras's TensorFlow backend it measures TensorFlow (and, asked for,
+the `jax` and `torch` parts, each in a child process on that backend);
+on JAX or torch only that backend, and TensorFlow need not be installed.
+Each part's measurement lives in a module of its own: `benchmark_step`
+(the update and the train step), `benchmark_memory`, `benchmark_hvp`,
+`benchmark_backend` (JAX and torch); `benchmark_report` makes the
+tables. This one runs the parts and writes their results.
 
 Every figure is the median of repeated timings after warm-up, and every
 ratio divides two medians measured in this process, turn about (Sophia,
@@ -20,7 +29,8 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   `step_time_ratio_range_sophia_{g,h}_vs_adamw`: the smallest and largest
   ratio of one cycle to AdamW's cycle of the same round, for the noise.
 * `step_time_floor_sophia_{g,h}`: the same ratio if a refresh cost only
-  its extra FLOPs (see `benchmark_report.floor`), next to which the measured one is read.
+  its extra FLOPs (see `benchmark_report.floor`), next to which the
+  measured one is read.
 * `peak_memory_ratio_vs_adamw`: the peak bytes the device (TensorFlow's
   CPU allocator) held during a short `train.pretrain` run of each Sophia
   variant over AdamW's, each in a fresh process
@@ -28,17 +38,21 @@ AdamW, Sophia, ...), so a slower or busier machine shifts both alike.
   `process_memory_ratio_vs_adamw`: the same for the process's peak RSS.
   Its `*_jax` cells (`--parts jax`) are the same over the train step
   compiled by Keras's JAX backend, from XLA's buffer assignment (see
-  `jax_peak_bytes`), whose bytes are `peak_memory_bytes`.
+  `benchmark_backend.jax_peak_bytes`), and its `*_torch` cells over
+  torch's `max_memory_allocated` on a CUDA device (none without one);
+  their bytes are `peak_memory_bytes`.
 * `hvp_time_in_gradients`: a training gradient with one Hessian-vector
   product (Sophia-H's refresh), in training gradients, made reverse over
   reverse (what `EstimatorContext.hvp` does) and forward over reverse.
 * `state_bytes_per_param_bytes`: optimizer state per byte of parameters.
-* `jax_step_time_ratio_vs_adamw`: the same step ratio on Keras's JAX
-  backend (XLA), Sophia-G and Sophia-H on the whole batch, from a child
-  process with `KERAS_BACKEND=jax` (`--parts jax`; needs the `jax`
-  extra); `jax_ordinary_step_ratio_vs_keras_step`: their ordinary steps
+* `{jax,torch}_step_time_ratio_vs_adamw`: the same step ratio on Keras's
+  JAX backend (XLA) or torch backend (eager), Sophia-G and Sophia-H on
+  the whole batch (`--parts jax` / `torch`; they need their extras);
+  `{jax,torch}_ordinary_step_ratio_vs_keras_step`: their ordinary steps
   over Sophia's step through Keras's own train step (the update alone,
-  no refresh), which tells `SophiaTrainStep`'s cost from the update's.
+  no refresh), which tells `SophiaTrainStep`'s cost from the update's;
+  `{jax,torch}_tokens_per_second`: each optimizer's tokens over its
+  step time (on a CPU a figure of this machine only).
 * `load`: the load average at start and end, and the share of the CPUs
   other processes used during the run; `busy` flags a run whose timings
   load could have moved.
@@ -49,22 +63,14 @@ import json
 import os
 import platform
 import resource
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
+from importlib import metadata
 
 import keras
-import numpy as np
-import tensorflow as tf
 
-import keras_sophia
-from models import gpt2
-from train import require_tensorflow
-from train.benchmark_report import (FRACTIONS, INTERVAL, LABELS,
-                                    cycle_floor, jax_adamw, jax_cell,
-                                    markdown, size_of)
+from train.benchmark_backend import add_backend
+from train.benchmark_memory import add_memory, peak_memory
+from train.benchmark_report import INTERVAL, LABELS, markdown
 
 # Default mode: GPT-2 small's variables for the update; the tiny GPT-2
 # (2 layers, width 128, GPT-2's vocabulary) at batch 16 x 64 tokens, the
@@ -113,276 +119,15 @@ MODES = {
               "arrays": {"memory_repeats": 1, "memory_flags": [
                   "--batch-size", "2", "--block-size", "16"]}},
 }
-# The runs whose peak memory is measured, as `train.pretrain` flags.
-MEMORY_RUNS = {
-    "adamw": ["--optimizer", "adamw"],
-    "sophia_g": ["--optimizer", "sophia-g"],
-    "sophia_g_half_batch": ["--optimizer", "sophia-g",
-                            "--hessian-batch-fraction", "0.5"],
-    "sophia_h": ["--optimizer", "sophia-h"],
-    "sophia_h_half_batch": ["--optimizer", "sophia-h",
-                            "--hessian-batch-fraction", "0.5"],
-}
+
+
 # Other processes using more than this share of the CPUs during the run
 # (or, where that is unknown, a 1-minute load average above this many
 # runnable threads per CPU at the start) mark the run busy.
 BUSY_SHARE = 0.05
+
+
 BUSY_LOAD_PER_CPU = 0.25
-
-
-def sophia(estimator="gnb", fraction=1.0):
-    return keras_sophia.Sophia(
-        learning_rate=1e-4, weight_decay=0.1, estimator=estimator,
-        hessian_update_interval=INTERVAL, hessian_batch_fraction=fraction,
-        seed=0,
-    )
-
-
-def adamw():
-    return keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.1)
-
-
-def lion():
-    return keras.optimizers.Lion(learning_rate=1e-4, weight_decay=0.1)
-
-
-def alternate(timers, repeats, warmup=1):
-    """Median seconds of each zero-argument timer, run in turn."""
-    for timer in timers.values():
-        for _ in range(warmup):
-            timer()
-    times = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, timer in timers.items():
-            start = time.perf_counter()
-            timer()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def apply_times(model_name, repeats):
-    """Median seconds of one compiled apply, per optimizer."""
-    model = gpt2.build(model_name, block_size=1024)
-    variables = model.trainable_variables
-    rng = np.random.default_rng(0)
-    grads = [
-        tf.constant(rng.normal(size=v.shape).astype("float32") * 1e-3)
-        for v in variables
-    ]
-    timers = {}
-    for name, optimizer in (("sophia", sophia()), ("adamw", adamw())):
-        optimizer.build(variables)
-        if name == "sophia":
-            # A realistic h (and no "no Hessian" warning).
-            optimizer.update_hessian([tf.abs(g) for g in grads], variables)
-        # The weights are the model's own variables, so both optimizers
-        # update the same memory; one compiled function each.
-        apply = tf.function(
-            lambda g, o=optimizer: o.apply(g, variables), jit_compile=True
-        )
-
-        def timer(apply=apply):
-            apply(grads)
-            # Wait for the update: reading one weight syncs the stream.
-            variables[0].numpy()
-
-        timers[name] = timer
-    times = alternate(timers, repeats)
-    parameters = sum(int(np.prod(v.shape)) for v in variables)
-    return parameters, times
-
-
-def step_model(settings, optimizer, jit):
-    keras.utils.set_random_seed(0)
-    model = gpt2.build("tiny", block_size=settings["block_size"])
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=jit,
-    )
-    return model
-
-
-def step_times(settings, jit):
-    """Median seconds per train step over whole k-step cycles (k = 10,
-    so each holds one refresh), and of refresh and ordinary steps."""
-    batch, block = settings["batch_size"], settings["block_size"]
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, gpt2.VOCAB_SIZE, size=(8, batch, block + 1))
-    batches = [
-        ({"token_ids": t[:, :-1], "padding_mask": np.ones_like(t[:, :-1])},
-         t[:, 1:])
-        for t in tokens
-    ]
-    dataset = tf.data.Dataset.from_tensor_slices(
-        tf.nest.map_structure(lambda *b: np.stack(b), *batches)
-    ).repeat().prefetch(2)
-    optimizers = {"adamw": adamw()}
-    for estimator, letter in (("gnb", "g"), ("hutchinson", "h")):
-        for fraction in settings["fractions"]:
-            optimizers[f"sophia_{letter}{FRACTIONS[fraction]}"] = sophia(
-                estimator, fraction
-            )
-    steps = {}
-    for name, optimizer in optimizers.items():
-        model = step_model(settings, optimizer, jit)
-        function = model.make_train_function()
-        iterator = iter(dataset)
-        steps[name] = lambda f=function, i=iterator: f(i)
-    # Step by step, each waited for (reading its loss), so refresh steps
-    # (the first of each cycle) and ordinary steps are timed apart.
-    times = {name: [] for name in steps}
-    cycles = settings["warmup_cycles"] + settings["cycles"]
-    for cycle in range(cycles):
-        for name, step in steps.items():
-            for _ in range(INTERVAL):
-                start = time.perf_counter()
-                float(step()["loss"])
-                if cycle >= settings["warmup_cycles"]:
-                    times[name].append(time.perf_counter() - start)
-    return {name: cycle_times(seconds) for name, seconds in times.items()}
-
-
-def cycle_times(seconds):
-    """One optimizer's step times, in order, cut into k-step cycles (each
-    starting with its refresh step): the medians the tables use."""
-    per_cycle = np.reshape(seconds, (-1, INTERVAL))
-    return {
-        # The figure the ratios use: a whole cycle, per step.
-        "step": statistics.median(per_cycle.sum(axis=1)) / INTERVAL,
-        "refresh_step": statistics.median(per_cycle[:, 0]),
-        "ordinary_step": statistics.median(per_cycle[:, 1:].ravel()),
-        "cycles": list(per_cycle.sum(axis=1) / INTERVAL),
-    }
-
-
-def hvp_times(settings):
-    """Median seconds of one XLA-compiled training gradient, and of the
-    gradient with one Hessian-vector product by each of the two ways of
-    making it: reverse over reverse (differentiate <grad, v> once more, as
-    `EstimatorContext.hvp` does) and forward over reverse (push v through
-    the forward and backward pass with `tf.autodiff.ForwardAccumulator`,
-    which needs v before the pass starts)."""
-    batch, block = settings["batch_size"], settings["block_size"]
-    keras.utils.set_random_seed(0)
-    model = gpt2.build("tiny", block_size=block)
-    variables = model.trainable_variables
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, gpt2.VOCAB_SIZE, size=(batch, block + 1))
-    x = {"token_ids": tf.constant(tokens[:, :-1]),
-         "padding_mask": tf.ones((batch, block), tf.int32)}
-    y = tf.constant(tokens[:, 1:])
-    probes = [tf.constant(rng.choice([-1.0, 1.0], size=v.shape), tf.float32)
-              for v in variables]
-
-    # The batch and probes are arguments, not captured constants, so XLA
-    # cannot fold part of the passes away.
-    def loss_of(x, y):
-        return loss_fn(y, model(x, training=True))
-
-    @tf.function(jit_compile=True)
-    def gradient(x, y, probes):
-        with tf.GradientTape() as tape:
-            loss = loss_of(x, y)
-        return [tf.convert_to_tensor(g)
-                for g in tape.gradient(loss, variables)]
-
-    @tf.function(jit_compile=True)
-    def reverse_over_reverse(x, y, probes):
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                loss = loss_of(x, y)
-            grads = [tf.convert_to_tensor(g)
-                     for g in inner.gradient(loss, variables)]
-        return grads, outer.gradient(grads, variables,
-                                     output_gradients=probes)
-
-    @tf.function(jit_compile=True)
-    def forward_over_reverse(x, y, probes):
-        # The accumulator watches TensorFlow variables: each Keras
-        # variable's `.value`.
-        with tf.autodiff.ForwardAccumulator(
-                [v.value for v in variables], probes) as forward:
-            with tf.GradientTape() as tape:
-                loss = loss_of(x, y)
-            grads = [tf.convert_to_tensor(g)
-                     for g in tape.gradient(loss, variables)]
-        return grads, forward.jvp(grads)
-
-    checked = check_products(reverse_over_reverse(x, y, probes)[1],
-                             forward_over_reverse(x, y, probes)[1])
-
-    def timer(function):
-        def run():
-            tf.nest.map_structure(
-                lambda t: None if t is None else t.numpy(),
-                function(x, y, probes))
-        return run
-
-    timers = {
-        "gradient": timer(gradient),
-        "reverse_over_reverse": timer(reverse_over_reverse),
-        "forward_over_reverse": timer(forward_over_reverse),
-    }
-    seconds = alternate(timers, settings["hvp_repeats"])
-    # Each compiled function's peak device bytes above what was already
-    # held (the model, the batch, earlier parts' tensors), from one more
-    # call.
-    peaks = {}
-    for name, run in timers.items():
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        held = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        run()
-        peaks[name] = (
-            tf.config.experimental.get_memory_info("CPU:0")["peak"] - held)
-    return seconds, peaks, checked
-
-
-def check_products(reverse, forward, rtol=1e-3):
-    """What the two ways made, checked before they are timed: a product
-    for every variable from each, and forward over reverse's equal to
-    reverse over reverse's within `rtol` of the largest entry (a way that
-    returned no tangents would otherwise time a gradient alone). Raises
-    RuntimeError naming the variable; returns the count and the largest
-    difference over the largest entry."""
-    missing = [i for i, products in enumerate(zip(reverse, forward))
-               if any(product is None for product in products)]
-    if missing:
-        raise RuntimeError(f"no Hessian-vector product for variables "
-                           f"{missing} of {len(reverse)}")
-    reverse = [np.asarray(r) for r in reverse]
-    scale = max(np.abs(r).max() for r in reverse)
-    differences = [np.abs(np.asarray(f) - r).max() / scale
-                   for r, f in zip(reverse, forward)]
-    for i, difference in enumerate(differences):
-        if not difference <= rtol:
-            raise RuntimeError(
-                f"forward over reverse's product of variable {i} differs "
-                f"from reverse over reverse's by {difference:.2g} of the "
-                f"largest entry (allowed: {rtol})")
-    return {"variables": len(reverse),
-            "largest_difference": float(max(differences))}
-
-
-def state_bytes():
-    """Bytes of per-parameter optimizer state per byte of parameters
-    (scalars such as `iterations` left out: a few bytes in all)."""
-    model = gpt2.build("tiny", block_size=64)
-    variables = model.trainable_variables
-    size = sum(
-        int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables
-    )
-    ratios = {}
-    for name, optimizer in (("sophia", sophia()), ("adamw", adamw()),
-                            ("lion", lion())):
-        optimizer.build(variables)
-        state = sum(
-            int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
-            for v in optimizer.variables if len(v.shape) > 0
-        )
-        ratios[name] = state / size
-    return ratios
 
 
 def machine():
@@ -396,9 +141,20 @@ def machine():
         "platform": platform.platform(),
         "processor": processor,
         "cpus": os.cpu_count(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        **versions(),
     }
+
+
+def versions():
+    """The installed versions of Keras and its backends."""
+    found = {}
+    for package in ("keras", "tensorflow", "jax", "torch"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def cpu_seconds():
@@ -440,147 +196,30 @@ def load(start, start_cpu, wall):
     }
 
 
-def peak_memory(settings, jit, arrays=False):
-    """Resident memory (`train/peak_memory_child.py`) of a short
-    `train.pretrain` run per optimizer variant, each in a fresh process;
-    with `arrays`, of `fit` on NumPy arrays instead (`train.fit_memory`).
-
-    Without XLA the graph executor runs independent ops at once in an
-    order that changes from run to run, and so does its peak (measured on
-    the tiny GPT-2: AdamW's from 0.41 to 0.45 GB in three runs): there
-    each variant runs `memory_repeats` times, in turn, and its peak is the
-    largest, the one a batch must fit. XLA plans its buffers when it
-    compiles: one run each."""
-    repeats = 1 if jit else settings["memory_repeats"]
-    peaks = {name: [] for name in MEMORY_RUNS}
-    for _ in range(repeats):
-        for name, flags in MEMORY_RUNS.items():
-            peaks[name].append(_run_peak(settings, jit, flags, arrays))
-    return {name: {"device": max(run["device"] for run in runs),
-                   "process": max(run["process"] for run in runs),
-                   "runs": runs}
-            for name, runs in peaks.items()}
+# The parts that measure Keras's TensorFlow backend (TensorFlow's tapes
+# and allocator, train.pretrain's runs), and those that measure Keras's
+# JAX or torch backend (in a process of their own where Keras runs on
+# another).
+TENSORFLOW_PARTS = ("apply", "step", "memory", "hvp", "memory_second_size",
+                    "memory_parameters", "memory_arrays")
+BACKEND_PARTS = ("jax", "torch")
+PARTS = TENSORFLOW_PARTS + BACKEND_PARTS
+# Per Keras backend: on TensorFlow every part of its own (the others need
+# optional extras); elsewhere, that backend's.
+DEFAULT_PARTS = {"tensorflow": TENSORFLOW_PARTS, "jax": ("jax",),
+                 "torch": ("torch",)}
 
 
-def _run_peak(settings, jit, flags, arrays=False):
-    """The peaks of one `train.pretrain` run with `flags` (or of
-    `train.fit_memory`), in a child."""
-    with tempfile.TemporaryDirectory() as out:
-        peak_file = os.path.join(out, "peak")
-        if arrays:
-            command = [sys.executable, "-m", "train.fit_memory", peak_file]
-        else:
-            steps = settings["memory_steps"]
-            command = [
-                sys.executable, "-m", "train.peak_memory_child", peak_file,
-                "--steps", str(steps), "--eval-interval", str(steps),
-                "--eval-steps", "2", "--warmup", "1",
-                "--out", os.path.join(out, "run")]
-        command += [*flags, *settings["memory_flags"]] + (
-            ["--jit"] if jit else [])
-        child = subprocess.run(command, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-        if child.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(command)} exited {child.returncode}:\n"
-                + child.stderr[-2000:])
-        with open(peak_file) as f:
-            return json.load(f)
-
-
-def add_memory(result, memory):
-    """Puts the peaks `memory` ({label: {run: peaks}}) and their ratios to
-    AdamW's into `result`, beside those of other sizes."""
-    ratios = memory_ratios(memory)
-    result.setdefault("peak_memory_ratio_vs_adamw", {}).update(
-        ratios["device"])
-    result.setdefault("process_memory_ratio_vs_adamw", {}).update(
-        ratios["process"])
-    result.setdefault("memory_bytes", {}).update(memory)
-
-
-def memory_ratios(memory):
-    """Each Sophia run's peak over AdamW's, of the device's bytes and of
-    the whole process."""
-    ratios = {"device": {}, "process": {}}
-    for label, runs in memory.items():
-        for name, run in runs.items():
-            if name != "adamw":
-                for kind in ratios:
-                    ratios[kind][f"{name}_{label}"] = (
-                        run[kind] / runs["adamw"][kind])
-    return ratios
-
-
-# What the JAX child reads of `memory_analysis()`, in bytes.
-JAX_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes",
-                     "alias_size_in_bytes", "temp_size_in_bytes",
-                     "generated_code_size_in_bytes")
-
-
-def jax_train_step(settings):
-    """`step_times` of AdamW, Sophia-G and Sophia-H (whole batch) on
-    Keras's JAX backend, and the `memory_analysis()` of each memory run's
-    compiled step, from a child process (see `train/jax_step_child.py`)."""
-    child_settings = {
-        "interval": INTERVAL, "batch": settings["batch_size"],
-        "block": settings["block_size"], "cycles": settings["cycles"],
-        "warmup_cycles": settings["warmup_cycles"],
-        "memory_runs": list(MEMORY_RUNS),
-        "memory_fields": list(JAX_MEMORY_FIELDS),
-        "parameter_size": size_of(settings["parameter_size"])}
-    with tempfile.TemporaryDirectory() as out:
-        out_file = os.path.join(out, "step")
-        command = [sys.executable, "-m", "train.jax_step_child", out_file,
-                   json.dumps(child_settings)]
-        child = subprocess.run(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "KERAS_BACKEND": "jax"})
-        if child.returncode != 0:
-            raise RuntimeError(f"the JAX step child exited "
-                               f"{child.returncode}:\n" + child.stderr[-2000:])
-        with open(out_file) as f:
-            measured = json.load(f)
-    times = {name: cycle_times(seconds)
-             for name, seconds in measured["times"].items()}
-    return times, measured["memory"]
-
-
-def jax_peak_bytes(analysis):
-    """The device bytes a compiled train step needs at its peak, from
-    XLA's buffer assignment (`memory_analysis()`).
-
-    JAX's CPU backend keeps no device memory counters
-    (`jax.devices()[0].memory_stats()` is None), and on a GPU they would
-    be the process's peak over every model the child holds, never reset;
-    what the step itself needs is in the program XLA compiled. While it
-    runs the device holds its arguments (the state: weights, optimizer
-    slots, metrics; and the batch), its outputs (the new state and the
-    logs) and its temporaries: every intermediate (activations, logits,
-    gradients, a refresh's estimator tensors) in one buffer XLA sizes to
-    the most that is live at once over the schedule, both branches of
-    the refresh `lax.cond` included. The donated state's outputs are
-    written over its arguments (aliased), so they count once. Generated
-    code is the program, not data, and is left out. This is the count
-    XLA makes for a GPU too, where a GPU compiler's own fusions move it
-    somewhat.
-    """
-    return (analysis["argument_size_in_bytes"]
-            + analysis["output_size_in_bytes"]
-            - analysis["alias_size_in_bytes"]
-            + analysis["temp_size_in_bytes"])
-
-
-PARTS = ("apply", "step", "memory", "hvp", "memory_second_size",
-         "memory_parameters", "memory_arrays", "jax")
-# Every part but `jax`, which needs the optional `jax` extra.
-DEFAULT_PARTS = PARTS[:-1]
-
-
-def run(mode, parts=DEFAULT_PARTS):
+def run(mode, parts):
     """The measurements `parts` of `mode` ("full" or "quick"), as one
     dict."""
     settings = MODES[mode]
+    if set(parts) & set(TENSORFLOW_PARTS):
+        # Their modules import TensorFlow, which the other backends do
+        # without.
+        from train.benchmark_hvp import hvp_times
+        from train.benchmark_step import (apply_times, state_bytes,
+                                          step_ratios, step_times)
     start, start_cpu, began = os.getloadavg(), cpu_seconds(), time.time()
     print(f"load average at start: {start}", flush=True)
     result, seconds = {}, {}
@@ -644,63 +283,22 @@ def run(mode, parts=DEFAULT_PARTS):
             memory[label] = peak_memory(settings[key], jit, arrays)
             print(f"peak memory ({label}): {memory[label]}", flush=True)
         add_memory(result, memory)
-    if "jax" in parts:
-        seconds["jax_train_step"], analyses = jax_train_step(settings)
-        print(f"train step (JAX): {seconds['jax_train_step']}", flush=True)
-        print(f"memory analysis (JAX): {analyses}", flush=True)
-        peaks = {jax_cell(name): jax_peak_bytes(analysis)
-                 for name, analysis in analyses.items()}
-        result["peak_memory_bytes"] = peaks
-        # Beside the TensorFlow runs' ratios, if `memory` ran too; each
-        # over AdamW's at its size.
-        result.setdefault("peak_memory_ratio_vs_adamw", {}).update({
-            cell: peak / peaks[jax_cell(jax_adamw(name))]
-            for name, cell, peak in zip(analyses, peaks, peaks.values())
-            if cell != jax_cell(jax_adamw(name))})
-        result["jax_memory_analysis"] = analyses
-        times = seconds["jax_train_step"]
-        result["jax_step_time_ratio_vs_adamw"] = {
-            name: times[name]["step"] / times["adamw"]["step"]
-            for name in times if name.startswith("sophia_")}
-        result["jax_ordinary_step_ratio_vs_keras_step"] = {
-            name: times[name]["ordinary_step"]
-            / times["keras_step_sophia"]["ordinary_step"]
-            for name in times if name.startswith("sophia_")}
-    result["state_bytes_per_param_bytes"] = state_bytes()
+    for backend in BACKEND_PARTS:
+        if backend in parts:
+            # Beside the TensorFlow runs' figures, if those parts ran too.
+            add_backend(result, seconds, settings, backend)
+            print(f"train step ({backend}): "
+                  f"{seconds[backend + '_train_step']}", flush=True)
+            print(f"memory ({backend}): "
+                  f"{result[backend + '_memory_analysis']}", flush=True)
+    if set(parts) & set(TENSORFLOW_PARTS):
+        result["state_bytes_per_param_bytes"] = state_bytes()
     result["seconds"] = seconds
     result["settings"] = {"mode": mode, "parts": list(parts),
                           "hessian_update_interval": INTERVAL, **settings}
     result["machine"] = machine()
     result["load"] = load(start, start_cpu, time.time() - began)
     print(f"load: {result['load']}", flush=True)
-    return result
-
-
-def step_ratios(settings, steps):
-    """Each Sophia variant's step time over AdamW's, with the range of
-    one cycle's ratio and the FLOP floor."""
-    result = {}
-    for estimator in ("g", "h"):
-        ratios, ranges = {}, {}
-        result[f"step_time_floor_sophia_{estimator}"] = {
-            FRACTIONS[f].lstrip("_") or "full_batch": cycle_floor(
-                estimator, f)
-            for f in settings["fractions"]
-        }
-        for label, times in steps.items():
-            for fraction in settings["fractions"]:
-                suffix = FRACTIONS[fraction]
-                sophia_times = times[f"sophia_{estimator}{suffix}"]
-                ratios[label + suffix] = (
-                    sophia_times["step"] / times["adamw"]["step"]
-                )
-                # Cycle i of Sophia over cycle i of AdamW (the same round
-                # of turns): how far the noise moves one cycle's ratio.
-                paired = np.divide(sophia_times["cycles"],
-                                   times["adamw"]["cycles"])
-                ranges[label + suffix] = [paired.min(), paired.max()]
-        result[f"step_time_ratio_sophia_{estimator}_vs_adamw"] = ratios
-        result[f"step_time_ratio_range_sophia_{estimator}_vs_adamw"] = ranges
     return result
 
 
@@ -715,17 +313,25 @@ def parts_list(text):
 
 
 def main(argv=None):
-    require_tensorflow("train.benchmark")
+    backend = keras.backend.backend()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats (minutes)")
     parser.add_argument("--out", default="benchmark.json",
                         help="the JSON file; the table goes next to it (.md)")
     parser.add_argument(
-        "--parts", default=",".join(DEFAULT_PARTS), type=parts_list,
-        help=f"comma-separated, any of {', '.join(PARTS)} (default: "
-             f"{', '.join(DEFAULT_PARTS)}; jax needs the jax extra)")
+        "--parts", default=",".join(DEFAULT_PARTS[backend]), type=parts_list,
+        help=f"comma-separated, any of {', '.join(PARTS)} (default on "
+             f"Keras's {backend} backend: "
+             f"{', '.join(DEFAULT_PARTS[backend])}; jax and torch need "
+             "their extras)")
     args = parser.parse_args(argv)
+    refused = [p for p in args.parts if p in TENSORFLOW_PARTS]
+    if backend != "tensorflow" and refused:
+        parser.error(
+            f"--parts {','.join(refused)} needs Keras's TensorFlow backend; "
+            f"KERAS_BACKEND is {backend!r}, where the parts are "
+            f"{', '.join(BACKEND_PARTS)}")
     result = run("quick" if args.quick else "full", args.parts)
     table = markdown(result)
     with open(args.out, "w") as f:

@@ -5,6 +5,10 @@ regenerate every committed table from `benchmarks/*.json`.
 Ratios are Sophia's over AdamW's; below 1 Sophia is cheaper.
 """
 
+import statistics
+
+import numpy as np
+
 INTERVAL = 10  # k: one Hessian refresh per cycle of 10 steps
 # Share of the batch the Hessian is estimated on: all of it, the paper's
 # half (240 of 480), and a quarter; and how results name them.
@@ -15,6 +19,8 @@ LABELS = {False: "graph", True: "xla"}
 TARGETS = {("g", 1.0): 1.08, ("g", 0.5): 1.04,
            ("h", 1.0): 1.20, ("h", 0.5): 1.10}
 MEMORY_TARGET = 1.10
+# Keras's other backends the benchmark measures, and how their steps run.
+BACKENDS = {"jax": "JAX (XLA)", "torch": "torch (eager)"}
 
 
 def floor(estimator, fraction, shared=False):
@@ -42,15 +48,29 @@ def cycle_floor(estimator, fraction, shared=False):
     return 1 + (floor(estimator, fraction, shared) - 1) / INTERVAL
 
 
-def jax_cell(name):
-    """The cell of a JAX memory run: `sophia_g_jax`, or
-    `sophia_g_jax_parameters` where parameters dominate."""
+def cycle_times(seconds):
+    """One optimizer's step times, in order, cut into k-step cycles (each
+    starting with its refresh step): the medians the tables use."""
+    per_cycle = np.reshape(seconds, (-1, INTERVAL))
+    return {
+        # The figure the ratios use: a whole cycle, per step.
+        "step": statistics.median(per_cycle.sum(axis=1)) / INTERVAL,
+        "refresh_step": statistics.median(per_cycle[:, 0]),
+        "ordinary_step": statistics.median(per_cycle[:, 1:].ravel()),
+        "cycles": list(per_cycle.sum(axis=1) / INTERVAL),
+    }
+
+
+def backend_cell(name, backend):
+    """The cell of a memory run on Keras's JAX or torch backend:
+    `sophia_g_jax`, or `sophia_g_jax_parameters` where parameters
+    dominate."""
     base, found, _ = name.partition("_parameters")
-    return f"{base}_jax" + found
+    return f"{base}_{backend}" + found
 
 
-def jax_adamw(name):
-    """The AdamW run a JAX memory run is compared with (same size)."""
+def adamw_run(name):
+    """The AdamW run a memory run is compared with (same size)."""
     return "adamw_parameters" if name.endswith("_parameters") else "adamw"
 
 
@@ -89,30 +109,37 @@ def markdown(result):
                     f"{ratios[label + suffix]:.3f} | {low:.2f}-{high:.2f} | "
                     f"{cycle_floor(estimator, fraction):.3f} | {target} |"
                 )
-    for name, ratio in result.get("jax_step_time_ratio_vs_adamw",
-                                  {}).items():
-        estimator = name[len("sophia_")]
-        rows.append(
-            f"| train step, Sophia-{estimator.upper()}, Keras on JAX (XLA), "
-            f"Hessian on the full batch | {ratio:.3f} | | "
-            f"{cycle_floor(estimator, 1.0):.3f} | |")
-    for name, ratio in result.get("jax_ordinary_step_ratio_vs_keras_step",
-                                  {}).items():
-        rows.append(
-            f"| ordinary step, Sophia-{name[len('sophia_')].upper()}, Keras "
-            f"on JAX, over Sophia through Keras's own step | {ratio:.3f} | "
-            "| 1.000 | |")
+    for backend, mode in BACKENDS.items():
+        for name, ratio in result.get(f"{backend}_step_time_ratio_vs_adamw",
+                                      {}).items():
+            estimator = name[len("sophia_")]
+            rows.append(
+                f"| train step, Sophia-{estimator.upper()}, Keras on "
+                f"{mode}, Hessian on the full batch | {ratio:.3f} | | "
+                f"{cycle_floor(estimator, 1.0):.3f} | |")
+        for name, ratio in result.get(
+                f"{backend}_ordinary_step_ratio_vs_keras_step", {}).items():
+            rows.append(
+                f"| ordinary step, Sophia-{name[len('sophia_')].upper()}, "
+                f"Keras on {mode}, over Sophia through Keras's own step | "
+                f"{ratio:.3f} | | 1.000 | |")
+        memory = result.get(f"{backend}_memory_analysis", {})
+        if memory and all(figures is None for figures in memory.values()):
+            rows.append(f"| peak device memory, Keras on {mode} | not "
+                        "measured: torch keeps no counters of CPU tensors "
+                        "| | | |")
     for key, ratio in result.get("peak_memory_ratio_vs_adamw", {}).items():
         rows.append(f"| peak device memory, {key} | {ratio:.2f} | | | "
                     f"<= {MEMORY_TARGET} |")
-    state = result["state_bytes_per_param_bytes"]
-    rows.append(
-        "| state bytes per parameter byte (Sophia, AdamW, Lion) | "
-        f"{state['sophia']:.2f}, {state['adamw']:.2f}, {state['lion']:.2f}"
-        " | | | Sophia = AdamW |"
-    )
+    state = result.get("state_bytes_per_param_bytes")
+    if state:
+        rows.append(
+            "| state bytes per parameter byte (Sophia, AdamW, Lion) | "
+            f"{state['sophia']:.2f}, {state['adamw']:.2f}, "
+            f"{state['lion']:.2f} | | | Sophia = AdamW |")
     sections = [rows]
-    if {"train_step", "jax_train_step"} & set(result["seconds"]):
+    if {"train_step", "jax_train_step", "torch_train_step"} & set(
+            result["seconds"]):
         sections.append([profile(result)])
     if "memory_bytes" in result:
         sections.append([memory_table(result)])
@@ -167,8 +194,9 @@ def profile(result):
     ]
     fractions = {suffix: f for f, suffix in FRACTIONS.items()}
     runs = dict(result["seconds"].get("train_step", {}))
-    if "jax_train_step" in result["seconds"]:
-        runs["jax"] = result["seconds"]["jax_train_step"]
+    for backend in BACKENDS:
+        if f"{backend}_train_step" in result["seconds"]:
+            runs[backend] = result["seconds"][f"{backend}_train_step"]
     for label, times in runs.items():
         base = times["adamw"]["step"]
         for name, t in times.items():
@@ -227,8 +255,8 @@ def jax_memory_table(result):
     ]
     peaks = result["peak_memory_bytes"]
     for name, analysis in result["jax_memory_analysis"].items():
-        peak = peaks[jax_cell(name)]
-        adamw = peaks[jax_cell(jax_adamw(name))]
+        peak = peaks[backend_cell(name, "jax")]
+        adamw = peaks[backend_cell(adamw_run(name), "jax")]
         written = (analysis["output_size_in_bytes"]
                    - analysis["alias_size_in_bytes"])
         rows.append(
