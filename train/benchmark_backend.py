@@ -95,6 +95,16 @@ def step_times(models, batches, k, cycles, warmup_cycles):
     return times
 
 
+def has_memory_counters():
+    """Whether `peak` can measure here: on JAX always (XLA's plan), on
+    torch with CUDA only."""
+    if keras.backend.backend() == "jax":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def peak(model, batch, fields):
     """The peak device figures of `model`'s train step on `batch`, after
     one step that builds the optimizer and metrics: `fields` of JAX's
@@ -103,10 +113,10 @@ def peak(model, batch, fields):
     ordinary step; None on torch without CUDA."""
     if keras.backend.backend() == "jax":
         return analyse(model, batch, fields)
+    if not has_memory_counters():
+        return None
     import torch
 
-    if not torch.cuda.is_available():
-        return None
     model.train_on_batch(*batch)
     # The next step is a refresh step only every k steps: run to one.
     interval = getattr(model.optimizer, "hessian_update_interval", 1)
@@ -157,6 +167,9 @@ def measure(settings):
                        settings["warmup_cycles"])
     fields = settings["memory_fields"]
     memory = {}
+    if not has_memory_counters():
+        return {"times": times,
+                "memory": {name: None for name in settings["memory_runs"]}}
     for name in settings["memory_runs"]:
         model = (models[name] if name in models
                  else build(made[name], name, "tiny", block))

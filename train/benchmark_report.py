@@ -362,12 +362,13 @@ def step_table(result):
                 f"{names['_' + share if share else '']} batch | {ratio:.3f} |"
                 f" {low:.2f}-{high:.2f} | {cycle_floor(estimator, fraction):.3f}"
                 f" | {'' if target is None else f'<= {target}'} | {verdict} |")
-        jax = result.get("jax_step_time_ratio_vs_adamw", {})
-        if f"sophia_{estimator}" in jax:
-            rows.append(
-                f"| Sophia-{estimator.upper()}, JAX (XLA), Hessian on the "
-                f"whole batch | {jax[f'sophia_{estimator}']:.3f} | | "
-                f"{cycle_floor(estimator, 1.0):.3f} | | |")
+        for backend, mode in BACKENDS.items():
+            ratios = result.get(f"{backend}_step_time_ratio_vs_adamw", {})
+            if f"sophia_{estimator}" in ratios:
+                rows.append(
+                    f"| Sophia-{estimator.upper()}, {mode}, Hessian on the "
+                    f"whole batch | {ratios[f'sophia_{estimator}']:.3f} | | "
+                    f"{cycle_floor(estimator, 1.0):.3f} | | |")
     return "\n".join(rows)
 
 
