@@ -42,6 +42,7 @@ TABLES = {
     "headline": benchmark_report.headline,
     "hvp_table": benchmark_report.hvp_table,
     "memory_cells": benchmark_report.memory_cells,
+    "profile": benchmark_report.profile,
     "step_table": benchmark_report.step_table,
     "compare_summary": compare_summary,
 }
@@ -50,6 +51,8 @@ TABLES = {
 GENERATED = {
     "benchmarks/benchmark.md": (benchmark_report.markdown,
                                 "benchmarks/benchmark.json"),
+    "benchmarks/benchmark-torch.md": (benchmark_report.markdown,
+                                      "benchmarks/benchmark-torch.json"),
     "benchmarks/compare/compare.md": (compare_report.markdown,
                                       "benchmarks/compare/compare.json"),
 }
