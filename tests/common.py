@@ -9,6 +9,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 import keras_sophia
 from keras_sophia import Sophia
@@ -163,6 +164,36 @@ def state(model, leave_out=None):
         for v in model.trainable_variables + model.optimizer.variables
         if leave_out is None or leave_out not in v.name
     ]
+
+
+def check_backend_steps(result, backend):
+    """What `train.benchmark` must write of the train steps it timed on
+    Keras's `backend`, not how fast anything ran (speed is what the
+    benchmark reports, not what a test asserts); returns the times."""
+    times = result["seconds"][f"{backend}_train_step"]
+    assert set(times) == {"adamw", "sophia_g", "sophia_h",
+                          "keras_step_sophia"}
+    for run in times.values():
+        # One per-step figure per timed k-step cycle; the ratios use the
+        # median one.
+        assert len(run["cycles"]) == result["settings"]["cycles"]
+        measured = run["cycles"] + [run["refresh_step"], run["ordinary_step"]]
+        assert all(np.isfinite(t) and t > 0 for t in measured)
+        assert run["step"] == pytest.approx(np.median(run["cycles"]))
+    ratios = result[f"{backend}_step_time_ratio_vs_adamw"]
+    ordinary = result[f"{backend}_ordinary_step_ratio_vs_keras_step"]
+    assert set(ratios) == set(ordinary) == {"sophia_g", "sophia_h"}
+    for name in ratios:
+        assert ratios[name] == pytest.approx(
+            times[name]["step"] / times["adamw"]["step"])
+        assert ordinary[name] == pytest.approx(
+            times[name]["ordinary_step"]
+            / times["keras_step_sophia"]["ordinary_step"])
+    settings = result["settings"]
+    tokens = settings["batch_size"] * settings["block_size"]
+    assert result[f"{backend}_tokens_per_second"] == pytest.approx(
+        {name: tokens / t["step"] for name, t in times.items()})
+    return times
 
 
 def without_tensorflow(program, args, backend):

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir,
                                 "tests"))
 from common import AUSTEN  # noqa: E402,F401
 from common import CE  # noqa: E402,F401
+from common import check_backend_steps  # noqa: E402,F401
 from common import byte_windows  # noqa: E402,F401
 from common import classification_data  # noqa: E402,F401
 from common import slot_values  # noqa: E402,F401
