@@ -8,7 +8,7 @@ from keras_sophia.context import EstimatorContext
 from keras_sophia.estimators import GaussNewtonBartlett
 from keras_sophia.estimators import HessianEstimator
 from keras_sophia.estimators import Hutchinson
-from keras_sophia.refresh import estimate_hessian
+from keras_sophia.estimate import estimate_hessian
 from keras_sophia.sophia import Sophia
 
 # The train step's primitives are backend code (tf_step.py, jax_step.py,
